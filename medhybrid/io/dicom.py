@@ -1,0 +1,236 @@
+"""DICOM folders to validated series and volumes.
+
+``discover_dicom`` walks a folder at any depth, skips junk, groups the files by StudyInstanceUID then
+SeriesInstanceUID and gives every series a QC verdict from its headers. ``load_series`` decodes the
+pixel data of one series into a :class:`~medhybrid.io.study.Study` (rescale applied, RAS affine).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medhybrid.errors import CorruptPixelDataError, DicomError, MedHybridError, NotAnImageError
+from medhybrid.io.dicom_files import (
+    HEADER_TAGS,
+    PIXEL_TAGS,
+    FileProblem,
+    SliceHeader,
+    decode_frames,
+    iter_files,
+    read_dataset,
+    slice_headers,
+    sniff_dicom,
+    stored_value_range,
+)
+from medhybrid.io.geometry import IngestOptions, SeriesGeometry, series_geometry
+from medhybrid.io.study import LPS_TO_RAS, QCReport, Study, Verdict, spacing_from_affine, study_key
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DicomSeries:
+    """One series: its slice headers (sorted along the normal once geometry passed) and its QC."""
+
+    study_uid: str
+    series_uid: str
+    headers: list[SliceHeader]
+    qc: QCReport = field(default_factory=QCReport)
+    geometry: SeriesGeometry | None = None
+    error: MedHybridError | None = None
+
+    @property
+    def modality(self) -> str:
+        return self.headers[0].modality
+
+    @property
+    def description(self) -> str:
+        return str(self.headers[0].safe_metadata.get("SeriesDescription", ""))
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.headers)
+
+    @property
+    def files(self) -> list[Path]:
+        return list(dict.fromkeys(h.path for h in self.headers))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        h = self.headers[0]
+        return (h.cols, h.rows, len(self.headers)) + ((h.samples,) if h.samples > 1 else ())
+
+    @property
+    def spacing(self) -> tuple[float, float, float] | None:
+        return spacing_from_affine(self.geometry.affine_lps) if self.geometry else None
+
+    @property
+    def study_key(self) -> str:
+        return study_key(self.study_uid)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready, PHI-free description."""
+        return {
+            "series_uid": self.series_uid,
+            "modality": self.modality,
+            "description": self.description,
+            "series_number": self.headers[0].safe_metadata.get("SeriesNumber"),
+            "n_files": len(self.files),
+            "n_slices": self.n_slices,
+            "shape": list(self.shape),
+            "spacing": [round(s, 6) for s in self.spacing] if self.spacing else None,
+            "transfer_syntax": self.headers[0].transfer_syntax,
+            "qc": self.qc.as_dict(),
+        }
+
+
+@dataclass
+class DicomDiscovery:
+    """Everything found under a folder: series, files rejected (with reasons) and files skipped."""
+
+    series: list[DicomSeries] = field(default_factory=list)
+    rejected: list[FileProblem] = field(default_factory=list)
+    skipped: list[FileProblem] = field(default_factory=list)
+
+
+def discover_dicom(
+    root: Path,
+    options: IngestOptions | None = None,
+    files: Iterable[Path] | None = None,
+    on_file: Callable[[Path], None] | None = None,
+) -> DicomDiscovery:
+    """Find, parse (headers only), group and check every DICOM series under ``root``.
+
+    Never raises for a bad file or series: problems land in ``rejected`` / the series' QC.
+    """
+    out = DicomDiscovery()
+    headers: list[SliceHeader] = []
+    for path in files if files is not None else iter_files(root):
+        if on_file is not None:
+            on_file(path)
+        kind = sniff_dicom(path)
+        if kind == "no":
+            out.skipped.append(FileProblem(path, "not_dicom", "not a DICOM file"))
+            continue
+        if kind == "dicomdir":
+            out.skipped.append(FileProblem(path, "dicomdir", "DICOMDIR index (files are found by walking)"))
+            continue
+        try:
+            ds = read_dataset(path, tags=HEADER_TAGS, forced=kind == "maybe")
+            headers.extend(slice_headers(ds, path))
+        except NotAnImageError as exc:
+            out.skipped.append(FileProblem(path, exc.code, exc.message))
+        except MedHybridError as exc:
+            out.rejected.append(FileProblem(path, exc.code, exc.message))
+    out.series = group_series(headers, options)
+    return out
+
+
+def group_series(headers: list[SliceHeader], options: IngestOptions | None = None) -> list[DicomSeries]:
+    """Group slice headers by (StudyInstanceUID, SeriesInstanceUID) and check each group's geometry."""
+    groups: dict[tuple[str, str], list[SliceHeader]] = defaultdict(list)
+    notes: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for h in headers:
+        series_uid = h.series_uid or f"no-series-uid:{h.path.parent}"
+        study_uid = h.study_uid or f"no-study-uid:{series_uid}"
+        key = (study_uid, series_uid)
+        if not h.series_uid:
+            notes[key].append("no SeriesInstanceUID: files grouped by folder")
+        groups[key].append(h)
+    series = []
+    for (study_uid, series_uid), members in groups.items():
+        s = DicomSeries(study_uid=study_uid, series_uid=series_uid, headers=members)
+        for note in sorted(set(notes[(study_uid, series_uid)])):
+            s.qc.warn("no_series_uid", note)
+        check_series(s, options)
+        series.append(s)
+    series.sort(key=lambda s: (s.study_uid, s.headers[0].safe_metadata.get("SeriesNumber") or 0, s.series_uid))
+    return series
+
+
+def check_series(series: DicomSeries, options: IngestOptions | None = None) -> None:
+    """Run the geometry checks; on success sort the headers, on failure record a reject reason."""
+    seen: set[tuple[str, str]] = set()
+    for h in series.headers:
+        for note in h.notes:
+            if (note.code, note.message) not in seen:
+                seen.add((note.code, note.message))
+                series.qc.add(note.level, note.code, note.message)
+    try:
+        geometry = series_geometry(series.headers, options)
+    except DicomError as exc:
+        series.error = exc
+        series.qc.reject(exc.code, str(exc))
+        return
+    series.geometry = geometry
+    series.headers = [series.headers[i] for i in geometry.order]
+    for reason in geometry.reasons:
+        series.qc.add(reason.level, reason.code, reason.message)
+    if series.headers[0].samples > 1:
+        series.qc.warn("colour", f"colour image ({series.headers[0].photometric}), kept as RGB channels")
+    if series.n_slices == 1 and series.headers[0].n_frames == 1:
+        series.qc.add(Verdict.OK, "single_slice", "one slice: a 2D image")
+
+
+def load_series(series: DicomSeries) -> Study:
+    """Decode the pixel data of a checked series into a Study.
+
+    The volume is float32 with each slice's RescaleSlope/Intercept applied (CT in HU); MONOCHROME1
+    images are inverted so that higher always means brighter.
+
+    Raises:
+        SeriesGeometryError (the series failed its checks), CorruptPixelDataError, NotAnImageError,
+        UnsupportedTransferSyntaxError, NotDicomError, TruncatedFileError
+    """
+    if series.error is not None:
+        raise series.error
+    assert series.geometry is not None  # set by check_series whenever error is None
+    first = series.headers[0]
+    n = len(series.headers)
+    channels = (first.samples,) if first.samples > 1 else ()
+    volume = np.empty((n, first.rows, first.cols, *channels), dtype=np.float32)
+    by_file: dict[Path, list[tuple[int, SliceHeader]]] = defaultdict(list)
+    for index, h in enumerate(series.headers):
+        by_file[h.path].append((index, h))
+    inverted = False
+    for path, members in by_file.items():
+        ds = read_dataset(path, tags=PIXEL_TAGS, forced=sniff_dicom(path) == "maybe")
+        frames = decode_frames(ds, path)
+        if frames.shape[1:3] != (first.rows, first.cols):
+            raise CorruptPixelDataError(
+                f"decoded frames are {frames.shape[1:3]}, header says {(first.rows, first.cols)}", path=path
+            )
+        lo, hi = stored_value_range(ds)
+        for index, h in members:
+            out = volume[index]
+            np.multiply(frames[h.frame], h.slope, out=out, casting="unsafe")
+            out += h.intercept
+            if h.photometric == "MONOCHROME1":
+                # MONOCHROME1 shows low values bright; flip within the rescaled stored range
+                out *= -1.0
+                out += (lo + hi) * h.slope + 2 * h.intercept
+                inverted = True
+    qc = QCReport(list(series.qc.reasons))
+    if inverted:
+        qc.add(Verdict.OK, "monochrome1_inverted", "MONOCHROME1 inverted so that higher values are brighter")
+    # (K, J, I[, C]) C-order -> (I, J, K[, C]) view, no copy
+    array = volume.transpose(2, 1, 0, 3) if channels else volume.transpose(2, 1, 0)
+    metadata = dict(first.safe_metadata)
+    return Study(
+        key=series.study_key,
+        array=array,
+        affine=LPS_TO_RAS @ series.geometry.affine_lps,
+        modality=first.modality,
+        source=first.path.parent,
+        source_format="dicom",
+        metadata=metadata,
+        qc=qc,
+        series_uid=series.series_uid,
+    )

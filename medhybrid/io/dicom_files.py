@@ -1,0 +1,466 @@
+"""DICOM at the file level: find files among junk, parse headers safely, decode pixel data.
+
+Everything pydicom can throw at a bad file is turned here into a typed :mod:`medhybrid.errors`
+exception that names the file, so a batch (scan, infer) can record it and go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, get_decoder
+from pydicom.uid import UID
+
+from medhybrid.errors import (
+    CorruptPixelDataError,
+    DicomError,
+    InvalidTagError,
+    NotAnImageError,
+    NotDicomError,
+    TruncatedFileError,
+    UnsupportedTransferSyntaxError,
+)
+from medhybrid.io.study import SAFE_DICOM_KEYWORDS, QCReason, Verdict
+
+logger = logging.getLogger(__name__)
+
+# Files that are certainly not DICOM are ignored without being opened.
+NON_DICOM_SUFFIXES = frozenset(
+    ".txt .md .json .csv .tsv .xml .html .htm .pdf .png .jpg .jpeg .gif .bmp .tif .tiff .nii .gz .nrrd "
+    ".mha .mhd .raw .zip .tar .npz .npy .py .yaml .yml .log .ini .db .exe .sh .bat .lnk".split()
+)
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".ima", ".dc3"})
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+# DICOM objects with pixel data that are not images to analyse: derived labels, dose grids, documents.
+NON_IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "a DICOM SEG is a derived segmentation, not a source image",
+    "1.2.840.10008.5.1.4.1.1.481.2": "an RT Dose grid is not an image",
+    "1.2.840.10008.5.1.4.1.1.104.1": "an encapsulated PDF is a document, not an image",
+}
+NON_IMAGE_MODALITIES = {"SR", "SEG", "RTPLAN", "RTSTRUCT", "RTDOSE", "RTRECORD", "KO", "PR", "DOC", "REG"}
+
+# Only these tags are parsed (pydicom skips the values of all others): much faster on big headers.
+HEADER_TAGS: list[str] = sorted(
+    set(SAFE_DICOM_KEYWORDS)
+    | {
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Modality",
+        "InstanceNumber",
+        "Rows",
+        "Columns",
+        "SamplesPerPixel",
+        "NumberOfFrames",
+        "PhotometricInterpretation",
+        "BitsAllocated",
+        "BitsStored",
+        "PixelRepresentation",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "ImagerPixelSpacing",
+        "SliceThickness",
+        "SpacingBetweenSlices",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "SharedFunctionalGroupsSequence",
+        "PerFrameFunctionalGroupsSequence",
+        "DirectoryRecordSequence",
+    }
+)
+PIXEL_TAGS: list[str] = [
+    *HEADER_TAGS,
+    "PlanarConfiguration",
+    "HighBit",
+    "RedPaletteColorLookupTableDescriptor",
+    "GreenPaletteColorLookupTableDescriptor",
+    "BluePaletteColorLookupTableDescriptor",
+    "RedPaletteColorLookupTableData",
+    "GreenPaletteColorLookupTableData",
+    "BluePaletteColorLookupTableData",
+    "SegmentedRedPaletteColorLookupTableData",
+    "SegmentedGreenPaletteColorLookupTableData",
+    "SegmentedBluePaletteColorLookupTableData",
+    "PixelData",
+    "FloatPixelData",
+    "DoubleFloatPixelData",
+    "ExtendedOffsetTable",
+    "ExtendedOffsetTableLengths",
+]
+
+
+@dataclass
+class SliceHeader:
+    """What medhybrid needs from one frame of one DICOM file (a single-frame file has frame 0)."""
+
+    path: Path
+    frame: int
+    n_frames: int
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class: str
+    modality: str
+    transfer_syntax: str
+    rows: int
+    cols: int
+    samples: int
+    photometric: str
+    instance_number: int | None
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, ...] | None
+    pixel_spacing: tuple[float, float] | None  # (between rows, between columns), mm
+    spacing_tag: str | None
+    slice_thickness: float | None
+    slope: float
+    intercept: float
+    safe_metadata: dict[str, Any] = field(default_factory=dict)
+    notes: list[QCReason] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    """A file that was skipped: ``rejected`` files claimed to be DICOM images and failed."""
+
+    path: Path
+    code: str
+    reason: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": str(self.path), "code": self.code, "reason": self.reason}
+
+
+# --- discovery -----------------------------------------------------------------------------------
+
+
+def iter_files(root: Path) -> Iterator[Path]:
+    """Every regular file under ``root`` in a stable order, skipping hidden files and folders."""
+    if root.is_file():
+        yield root
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def sniff_dicom(path: Path) -> str:
+    """Classify a file cheaply: ``dicom`` (has the DICM preamble), ``maybe`` (worth a forced parse),
+    ``dicomdir`` or ``no``."""
+    if path.name.upper() == "DICOMDIR":
+        return "dicomdir"
+    suffix = path.suffix.lower()
+    if suffix in NON_DICOM_SUFFIXES:
+        return "no"
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return "no"
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return "dicom"
+    # A raw data set (no preamble) begins with a group-0002 or group-0008 tag in either byte order.
+    if head[:2] in (b"\x08\x00", b"\x02\x00", b"\x00\x08", b"\x00\x02") or suffix in DICOM_SUFFIXES:
+        return "maybe"
+    return "no"
+
+
+# --- parsing -------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _recorded_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """Collect pydicom's warnings (invalid VRs, odd values) instead of printing them; they are
+    logged at debug level and, where they matter, turned into typed errors or QC reasons."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+    for w in caught:
+        logger.debug("pydicom: %s", w.message)
+
+
+def read_dataset(path: Path, *, tags: list[str] | None = None, forced: bool = False) -> Dataset:
+    """Parse ``path`` with pydicom, turning every failure into a typed error naming the file.
+
+    Args:
+        tags: parse only these keywords (others are skipped); ``None`` parses everything.
+        forced: the file has no DICM preamble; parse it anyway and check it looks like a data set.
+
+    Raises:
+        NotDicomError, TruncatedFileError
+    """
+    with _recorded_warnings() as caught:
+        try:
+            ds = pydicom.dcmread(path, specific_tags=tags, force=forced)
+        except InvalidDicomError as exc:
+            raise NotDicomError(
+                f"not a DICOM file ({exc})", path=path, fix="remove it or re-export it as DICOM Part 10"
+            ) from None
+        except (EOFError, OSError) as exc:
+            raise TruncatedFileError(
+                f"file ends early ({exc})", path=path, fix="re-copy or re-export the file"
+            ) from None
+        except Exception as exc:  # pydicom raises many types on garbage; all mean "cannot parse"
+            raise NotDicomError(
+                f"cannot be parsed as DICOM ({type(exc).__name__}: {exc})",
+                path=path,
+                fix="remove it or re-export it as DICOM Part 10",
+            ) from None
+    texts = [str(w.message) for w in caught]
+    if any("End of file reached" in t or "delimiter" in t.lower() for t in texts):
+        raise TruncatedFileError(
+            "file ends before its data set does (" + texts[0][:120] + ")",
+            path=path,
+            fix="re-copy or re-export the file",
+        )
+    if forced and ("SOPClassUID" not in ds or len(ds) < 3):
+        raise NotDicomError(
+            "no DICOM preamble/File Meta and the content does not parse as a data set",
+            path=path,
+            fix="remove it or re-export it as DICOM Part 10",
+        )
+    if len(ds) == 0:
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and "TransferSyntaxUID" not in meta:
+            transfer_syntax_of(ds, path)  # raises the clearer error
+        raise TruncatedFileError("file holds no data elements", path=path, fix="re-copy the file")
+    return ds
+
+
+def _tag(ds: Dataset, keyword: str, path: Path, cast: type, default: Any = None) -> Any:
+    """Read one tag, cast it, and raise InvalidTagError (not ValueError) on garbage."""
+    if keyword not in ds or ds[keyword].value in (None, ""):
+        return default
+    value = ds[keyword].value
+    try:
+        if cast is tuple:
+            return tuple(float(v) for v in value)
+        return cast(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidTagError(
+            f"{keyword} holds an invalid value {value!r} ({exc})",
+            path=path,
+            fix=f"correct {keyword} in the file (e.g. with pydicom or dcmodify)",
+        ) from None
+
+
+def _first_item(ds: Dataset | None, seq: str) -> Dataset | None:
+    if ds is None or seq not in ds:
+        return None
+    items = ds[seq].value
+    return items[0] if items else None
+
+
+def _functional(shared: Dataset | None, per_frame: Dataset | None, seq: str) -> Dataset | None:
+    """A functional-group macro item, per-frame first, then shared (PS3.3 C.7.6.16)."""
+    return _first_item(per_frame, seq) or _first_item(shared, seq)
+
+
+def check_image_object(ds: Dataset, path: Path) -> None:
+    """Raise NotAnImageError for DICOM objects that hold no image to analyse."""
+    sop = str(ds.get("SOPClassUID", ""))
+    modality = str(ds.get("Modality", "")).upper()
+    if sop == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+        raise NotAnImageError("a DICOMDIR index, not an image", path=path, fix="nothing to do: it is skipped")
+    if sop in NON_IMAGE_SOP_CLASSES:
+        raise NotAnImageError(NON_IMAGE_SOP_CLASSES[sop], path=path, fix="nothing to do: it is skipped")
+    if modality in NON_IMAGE_MODALITIES:
+        raise NotAnImageError(
+            f"modality {modality} holds no image to analyse", path=path, fix="nothing to do: it is skipped"
+        )
+    if "Rows" not in ds or "Columns" not in ds:
+        raise NotAnImageError("no image (Rows/Columns absent)", path=path, fix="nothing to do: it is skipped")
+
+
+def transfer_syntax_of(ds: Dataset, path: Path) -> str:
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if not ts:
+        raise UnsupportedTransferSyntaxError(
+            "the File Meta lacks TransferSyntaxUID, so the pixel encoding is unknown",
+            path=path,
+            fix="rewrite the file with a File Meta header (e.g. pydicom: ds.save_as(..., enforce_file_format=True))",
+        )
+    uid = UID(str(ts))
+    if uid.is_compressed:
+        try:
+            decoder = get_decoder(uid)
+        except NotImplementedError:
+            decoder = None
+        if decoder is None or not decoder.is_available:
+            raise UnsupportedTransferSyntaxError(
+                f"no installed decoder for transfer syntax {uid.name or uid} ({uid})",
+                path=path,
+                fix="install the pylibjpeg plugins (`pip install medhybrid` pulls them) or decompress the file",
+            )
+    return str(uid)
+
+
+def slice_headers(ds: Dataset, path: Path) -> list[SliceHeader]:
+    """One :class:`SliceHeader` per frame of ``ds``.
+
+    Raises:
+        NotAnImageError, UnsupportedTransferSyntaxError, InvalidTagError
+    """
+    with _recorded_warnings():  # values are converted lazily, so pydicom may warn here too
+        return _slice_headers(ds, path)
+
+
+def _slice_headers(ds: Dataset, path: Path) -> list[SliceHeader]:
+    check_image_object(ds, path)
+    ts = transfer_syntax_of(ds, path)
+    n_frames = _tag(ds, "NumberOfFrames", path, int, 1) or 1
+    rows = _tag(ds, "Rows", path, int)
+    cols = _tag(ds, "Columns", path, int)
+    if not rows or not cols or n_frames < 1:
+        raise InvalidTagError(
+            f"image size Rows={rows} Columns={cols} NumberOfFrames={n_frames}",
+            path=path,
+            fix="the file is damaged",
+        )
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    common = {
+        "path": path,
+        "n_frames": n_frames,
+        "study_uid": str(ds.get("StudyInstanceUID", "")),
+        "series_uid": str(ds.get("SeriesInstanceUID", "")),
+        "sop_uid": str(ds.get("SOPInstanceUID", "")),
+        "sop_class": str(ds.get("SOPClassUID", "")),
+        "modality": str(ds.get("Modality", "") or "OT").upper(),
+        "transfer_syntax": ts,
+        "rows": rows,
+        "cols": cols,
+        # a palette-colour image decodes to RGB
+        "samples": 3 if photometric == "PALETTE COLOR" else _tag(ds, "SamplesPerPixel", path, int, 1),
+        "photometric": photometric,
+        "instance_number": _tag(ds, "InstanceNumber", path, int),
+        "safe_metadata": safe_metadata(ds),
+    }
+    notes: list[QCReason] = []
+    if not getattr(ds, "preamble", None) and not getattr(ds, "file_meta", None):
+        notes.append(QCReason(Verdict.WARN, "no_file_meta", f"{path.name}: no DICOM File Meta header"))
+    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+    per_frame_items = list(ds.PerFrameFunctionalGroupsSequence) if "PerFrameFunctionalGroupsSequence" in ds else []
+    headers = []
+    for frame in range(n_frames):
+        per = per_frame_items[frame] if frame < len(per_frame_items) else None
+        headers.append(
+            SliceHeader(frame=frame, notes=list(notes), **common, **_frame_geometry(ds, shared, per, path))
+        )
+    return headers
+
+
+def _frame_geometry(ds: Dataset, shared: Dataset | None, per: Dataset | None, path: Path) -> dict[str, Any]:
+    """Position, orientation, spacing and rescale of one frame (classic or enhanced multi-frame)."""
+    enhanced = shared is not None or per is not None
+    pos_item = _functional(shared, per, "PlanePositionSequence") if enhanced else None
+    ori_item = _functional(shared, per, "PlaneOrientationSequence") if enhanced else None
+    pix_item = _functional(shared, per, "PixelMeasuresSequence") if enhanced else None
+    val_item = _functional(shared, per, "PixelValueTransformationSequence") if enhanced else None
+    pos_src, ori_src, pix_src, val_src = (pos_item or ds), (ori_item or ds), (pix_item or ds), (val_item or ds)
+
+    position = _tag(pos_src, "ImagePositionPatient", path, tuple)
+    orientation = _tag(ori_src, "ImageOrientationPatient", path, tuple)
+    if position is not None and len(position) != 3:
+        raise InvalidTagError(f"ImagePositionPatient has {len(position)} values, expected 3", path=path)
+    if orientation is not None and len(orientation) != 6:
+        raise InvalidTagError(f"ImageOrientationPatient has {len(orientation)} values, expected 6", path=path)
+    spacing, spacing_tag = None, None
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = _tag(pix_src, keyword, path, tuple) or _tag(ds, keyword, path, tuple)
+        if value is not None:
+            if len(value) != 2 or min(value) <= 0:
+                raise InvalidTagError(f"{keyword} {value} is not two positive numbers", path=path)
+            spacing, spacing_tag = (value[0], value[1]), keyword
+            break
+    return {
+        "position": position,
+        "orientation": orientation,
+        "pixel_spacing": spacing,
+        "spacing_tag": spacing_tag,
+        "slice_thickness": _tag(pix_src, "SliceThickness", path, float) or _tag(ds, "SliceThickness", path, float),
+        "slope": _tag(val_src, "RescaleSlope", path, float, 1.0),
+        "intercept": _tag(val_src, "RescaleIntercept", path, float, 0.0),
+    }
+
+
+def safe_metadata(ds: Dataset) -> dict[str, Any]:
+    """The whitelisted, PHI-free subset of a data set's attributes."""
+    out: dict[str, Any] = {}
+    for keyword in SAFE_DICOM_KEYWORDS:
+        if keyword in ds and ds[keyword].value not in (None, ""):
+            value = ds[keyword].value
+            if keyword == "SOPClassUID":
+                value = UID(str(value)).name or str(value)
+            elif isinstance(value, pydicom.multival.MultiValue):
+                value = [str(v) for v in value]
+            elif not isinstance(value, (int, float)):
+                value = str(value)
+            out[keyword] = value
+    return out
+
+
+# --- pixel data ----------------------------------------------------------------------------------
+
+
+def decode_frames(ds: Dataset, path: Path) -> np.ndarray:
+    """All frames of ``ds`` as ``(frames, rows, cols[, samples])``, before rescale; colour as RGB.
+
+    Raises:
+        CorruptPixelDataError, UnsupportedTransferSyntaxError
+    """
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise NotAnImageError("no pixel data", path=path, fix="nothing to do: it is skipped")
+    with _recorded_warnings():
+        try:
+            pixels = ds.pixel_array
+            if str(ds.get("PhotometricInterpretation", "")).strip() == "PALETTE COLOR":
+                pixels = apply_color_lut(pixels, ds)
+        except DicomError:
+            raise
+        except NotImplementedError as exc:
+            raise UnsupportedTransferSyntaxError(
+                f"pixel data cannot be decoded here ({exc})", path=path, fix="decompress the file"
+            ) from None
+        except Exception as exc:  # decoders raise ValueError/RuntimeError/AttributeError/...
+            raise CorruptPixelDataError(
+                f"pixel data is truncated or corrupt ({type(exc).__name__}: {str(exc)[:160]})",
+                path=path,
+                fix="re-export the image from the source system",
+            ) from None
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    colour = pixels.shape[-1] == 3 and (samples == 3 or pixels.ndim == 3 + (n_frames > 1))
+    if n_frames == 1:
+        pixels = pixels[np.newaxis]
+    expected = 3 + (1 if colour else 0)
+    if pixels.ndim != expected:
+        raise CorruptPixelDataError(
+            f"decoded pixel array has shape {pixels.shape}, which does not match the header",
+            path=path,
+            fix="re-export the image",
+        )
+    return pixels
+
+
+def stored_value_range(ds: Dataset) -> tuple[float, float]:
+    """The representable range of stored values (BitsStored, PixelRepresentation)."""
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        return (-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1)
+    return (0.0, 2.0**bits - 1)

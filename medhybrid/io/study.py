@@ -1,0 +1,188 @@
+"""The in-memory study: a validated volume, its geometry, safe metadata and a QC verdict.
+
+Geometry convention (used everywhere in medhybrid)
+--------------------------------------------------
+``Study.array`` is indexed ``[i, j, k]`` (plus a trailing channel axis for colour or 4D data):
+``i`` runs along image columns (the DICOM *row* direction cosine), ``j`` along image rows and ``k``
+across slices, ordered along the slice normal. A 2D image has ``k`` of length 1.
+
+``Study.affine`` maps a voxel index ``(i, j, k, 1)`` to world millimetres in **RAS+**, the
+NIfTI / nibabel / MONAI convention: +x points to the patient's Right, +y Anterior, +z Superior.
+DICOM uses LPS+ (+x Left, +y Posterior, +z Head); the DICOM reader builds the LPS affine from
+ImagePositionPatient, ImageOrientationPatient and PixelSpacing and converts it with
+``RAS = diag(-1, -1, 1, 1) @ LPS``. SimpleITK images are LPS too, and are converted the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+# Metadata that may travel into logs, reports and file names. Everything that identifies a patient
+# (name, IDs, birth date, dates of the study, institution, physicians) is deliberately absent.
+SAFE_DICOM_KEYWORDS: tuple[str, ...] = (
+    "Modality",
+    "SOPClassUID",
+    "StudyDescription",
+    "SeriesDescription",
+    "SeriesNumber",
+    "BodyPartExamined",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "MagneticFieldStrength",
+    "SliceThickness",
+    "KVP",
+    "ConvolutionKernel",
+    "ImageType",
+    "PhotometricInterpretation",
+    "RescaleType",
+)
+# Never copied, whatever the whitelist says; the PHI tests look for these.
+PHI_KEYWORDS: frozenset[str] = frozenset(
+    {"PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames"}
+)
+
+
+class Verdict(str, Enum):
+    """QC verdict of a series or image, from best to worst."""
+
+    OK = "ok"
+    WARN = "warn"
+    REJECT = "reject"
+
+    @property
+    def rank(self) -> int:
+        return ("ok", "warn", "reject").index(self.value)
+
+
+@dataclass(frozen=True)
+class QCReason:
+    """One QC finding: its level, a stable machine code, and a message for people."""
+
+    level: Verdict
+    code: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"level": self.level.value, "code": self.code, "message": self.message}
+
+
+@dataclass
+class QCReport:
+    """The QC findings of one series or image; the verdict is the worst level found."""
+
+    reasons: list[QCReason] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> Verdict:
+        if not self.reasons:
+            return Verdict.OK
+        return max((r.level for r in self.reasons), key=lambda v: v.rank)
+
+    def add(self, level: Verdict, code: str, message: str) -> None:
+        self.reasons.append(QCReason(level, code, message))
+
+    def warn(self, code: str, message: str) -> None:
+        self.add(Verdict.WARN, code, message)
+
+    def reject(self, code: str, message: str) -> None:
+        self.add(Verdict.REJECT, code, message)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"verdict": self.verdict.value, "reasons": [r.as_dict() for r in self.reasons]}
+
+
+def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm along i, j, k: the norms of the affine's first three columns."""
+    norms = np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
+    return (float(norms[0]), float(norms[1]), float(norms[2]))
+
+
+def study_key(identity: str) -> str:
+    """A stable pseudonymous key: ``s`` + the first 16 hex digits of sha256(identity).
+
+    ``identity`` is the StudyInstanceUID for DICOM and the resolved file path for other formats, so the
+    key never contains PHI and is the same on every run for the same input.
+    """
+    return "s" + hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(eq=False)
+class Study:
+    """One validated image volume ready for preprocessing.
+
+    Attributes:
+        key: pseudonymous study key (see :func:`study_key`).
+        array: voxel data, float32, shape ``(I, J, K)`` or ``(I, J, K, C)``; CT in HU after rescale.
+        affine: 4x4 voxel-to-RAS matrix (see module docstring).
+        modality: DICOM modality (``CT``, ``MR``, ...) or ``OT`` when unknown.
+        source: the file or folder the study was read from.
+        source_format: ``dicom``, ``nifti``, ``nrrd``, ``mha``, ``png`` or ``medmnist``.
+        metadata: whitelisted, PHI-free metadata (:data:`SAFE_DICOM_KEYWORDS`).
+        qc: QC findings of the loaded series or image.
+        series_uid: the DICOM SeriesInstanceUID, if any.
+    """
+
+    key: str
+    array: np.ndarray
+    affine: np.ndarray
+    modality: str
+    source: Path
+    source_format: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    qc: QCReport = field(default_factory=QCReport)
+    series_uid: str | None = None
+
+    def __post_init__(self) -> None:
+        self.affine = np.asarray(self.affine, dtype=np.float64)
+        if self.affine.shape != (4, 4) or not np.all(np.isfinite(self.affine)):
+            raise ValueError(f"affine must be a finite 4x4 matrix, got {self.affine!r}")
+        if self.array.ndim not in (3, 4):
+            raise ValueError(f"array must be (I, J, K) or (I, J, K, C), got shape {self.array.shape}")
+        leaked = PHI_KEYWORDS.intersection(self.metadata)
+        if leaked:
+            raise ValueError(f"PHI keys in study metadata: {sorted(leaked)}")
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return spacing_from_affine(self.affine)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.array.shape)
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        i, j, k = self.array.shape[:3]
+        return (int(i), int(j), int(k))
+
+    @property
+    def is_2d(self) -> bool:
+        return self.array.shape[2] == 1
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready, PHI-free description (no voxel data)."""
+        return {
+            "study_key": self.key,
+            "source_format": self.source_format,
+            "modality": self.modality,
+            "shape": list(self.shape),
+            "spacing": [round(s, 6) for s in self.spacing],
+            "qc": self.qc.as_dict(),
+            "metadata": {k: _jsonable(v) for k, v in self.metadata.items()},
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value)

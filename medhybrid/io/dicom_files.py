@@ -404,11 +404,17 @@ def safe_metadata(ds: Dataset) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for keyword in SAFE_DICOM_KEYWORDS:
         if keyword in ds and ds[keyword].value not in (None, ""):
-            value = ds[keyword].value
+            element = ds[keyword]
+            value = element.value
             if keyword == "SOPClassUID":
                 value = UID(str(value)).name or str(value)
             elif isinstance(value, pydicom.multival.MultiValue):
                 value = [str(v) for v in value]
+            elif element.VR in ("IS", "DS"):
+                try:
+                    value = int(value) if element.VR == "IS" else float(value)
+                except (TypeError, ValueError):
+                    value = str(value)
             elif not isinstance(value, (int, float)):
                 value = str(value)
             out[keyword] = value

@@ -1,0 +1,279 @@
+"""The ``medhybrid`` command line: parse, call the library, map domain errors to exit code 1."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from medhybrid import __version__
+from medhybrid.errors import MedHybridError
+
+logger = logging.getLogger("medhybrid")
+stderr = Console(stderr=True)
+stdout = Console()
+
+app = typer.Typer(
+    name="medhybrid",
+    help="Anomaly detection in medical images: ingest, train, infer, report, evaluate.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals may hold patient data
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+data_app = typer.Typer(help="Ingest and check data: scan folders, manifests, synthetic cohorts.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def domain_errors(func: F) -> F:
+    """Turn a MedHybridError into one clear line on stderr and exit code 1 (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except MedHybridError as exc:
+            stderr.print(f"[bold red]error[/]: {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def configure_logging(verbosity: int) -> None:
+    """Configure the root handler once: WARNING by default, INFO with -v, DEBUG with -vv."""
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_medhybrid", False):
+            root.removeHandler(handler)
+    handler = RichHandler(console=stderr, show_path=False, rich_tracebacks=False, markup=False)
+    handler._medhybrid = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("medhybrid").setLevel(level)
+    # third-party chatter stays quiet unless -vv; pydicom's validation warnings about odd values are
+    # turned into typed errors or QC reasons where they matter
+    for name in ("pydicom", "PIL", "matplotlib", "highdicom"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbosity > 1 else logging.ERROR)
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None) -> Iterator[Callable[..., None]]:
+    """A rich progress bar on stderr; yields ``advance(n=1, label=None)``."""
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
+        task = bar.add_task(description, total=total)
+
+        def advance(n: int = 1, label: str | None = None) -> None:
+            bar.update(task, advance=n, description=f"{description} {label}" if label else description)
+
+        yield advance
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"medhybrid {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv for debug).")] = 0,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """medhybrid: ResNet-Transformer hybrids for anomaly detection in CT, MR and X-ray."""
+    configure_logging(verbose)
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+@data_app.command("scan")
+@domain_errors
+def data_scan(
+    folder: Annotated[Path, typer.Argument(help="Folder (any depth) of DICOM and/or NIfTI/NRRD/MHA/PNG files.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
+    headers_only: Annotated[
+        bool, typer.Option("--headers-only", help="Check headers and geometry only; do not decode pixel data.")
+    ] = False,
+    spacing_tolerance: Annotated[
+        float, typer.Option(help="Largest relative deviation of slice spacing before a series is rejected.")
+    ] = 0.01,
+    tilt_tolerance: Annotated[float, typer.Option(help="Largest accepted gantry tilt, degrees.")] = 0.5,
+) -> None:
+    """List every study and series with modality, shape, spacing and QC verdict, and every rejected file.
+
+    One bad file never stops the scan; the exit code is 0 whenever the folder exists.
+    """
+    from medhybrid.io.geometry import IngestOptions
+    from medhybrid.io.scan import scan_folder
+
+    options = IngestOptions(spacing_tolerance=spacing_tolerance, tilt_tolerance_deg=tilt_tolerance)
+    with progress_bar("scanning", None) as advance:
+        report = scan_folder(folder, options=options, decode=not headers_only, on_step=lambda s: advance(1, s))
+    if as_json:
+        sys.stdout.write(json.dumps(report.as_dict(), indent=2) + "\n")
+        return
+    _print_scan(report)
+
+
+def _print_scan(report: Any) -> None:
+    table = Table(title=f"Studies under {report.root}", show_lines=False)
+    for col in ("study", "series", "modality", "shape", "spacing (mm)", "QC", "reasons"):
+        table.add_column(col, overflow="fold")
+    colours = {"ok": "green", "warn": "yellow", "reject": "red"}
+    for key, series_list in report.studies.items():
+        for s in series_list:
+            verdict = s["qc"]["verdict"]
+            reasons = "; ".join(r["message"] for r in s["qc"]["reasons"] if r["level"] != "ok")
+            spacing = "x".join(f"{v:.3g}" for v in s["spacing"]) if s.get("spacing") else "-"
+            table.add_row(
+                key,
+                str(s.get("description") or Path(s["source"]).name),
+                s["modality"],
+                "x".join(str(v) for v in s["shape"]),
+                spacing,
+                f"[{colours[verdict]}]{verdict}[/]",
+                reasons,
+            )
+    stdout.print(table)
+    if report.rejected:
+        rejected = Table(title="Rejected files")
+        rejected.add_column("file", overflow="fold")
+        rejected.add_column("reason", overflow="fold")
+        for p in report.rejected:
+            rejected.add_row(str(p.path), f"{p.code}: {p.reason}")
+        stdout.print(rejected)
+    counts = report.counts()
+    stdout.print(
+        f"{counts['studies']} studies, {counts['series']} series "
+        f"({counts['series_ok']} ok, {counts['series_warn']} warn, {counts['series_reject']} reject), "
+        f"{counts['rejected_files']} rejected files, {counts['skipped_files']} skipped (not images)"
+    )
+
+
+@data_app.command("inspect")
+@domain_errors
+def data_inspect(
+    path: Annotated[Path, typer.Argument(help="One study: a DICOM folder or file, or a NIfTI/NRRD/MHA/PNG file.")],
+    modality: Annotated[list[str] | None, typer.Option(help="Accepted modality (repeatable).")] = None,
+    min_slices: Annotated[int, typer.Option(help="Fewest slices a series must have.")] = 1,
+    series_description: Annotated[str | None, typer.Option(help="Regex searched in SeriesDescription.")] = None,
+    largest: Annotated[bool, typer.Option(help="Among several matching series take the largest.")] = False,
+    save: Annotated[Path | None, typer.Option(help="Write the loaded volume as NIfTI (.nii.gz).")] = None,
+) -> None:
+    """Load one study with the series selection rules and print its summary (JSON)."""
+    from medhybrid.io.scan import load_study
+    from medhybrid.io.select import SelectionRules
+
+    rules = SelectionRules(
+        modalities=tuple(modality or ()), min_slices=min_slices, description=series_description, largest=largest
+    )
+    study = load_study(path, rules)
+    if save is not None:
+        from medhybrid.io.writers import save_nifti
+
+        save_nifti(study.array, study.affine, save)
+    sys.stdout.write(json.dumps(study.summary(), indent=2) + "\n")
+
+
+@data_app.command("synth")
+@domain_errors
+def data_synth(
+    out: Annotated[Path, typer.Argument(help="Output folder of the synthetic cohort.")],
+    n: Annotated[int, typer.Option("--n", help="Number of studies.")] = 16,
+    dims: Annotated[int, typer.Option("--dims", help="2 (single slices) or 3 (volumes).")] = 3,
+    fmt: Annotated[str, typer.Option("--format", help="dicom, nifti or both.")] = "both",
+    seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives identical files.")] = 0,
+) -> None:
+    """Write a deterministic synthetic cohort of body-like phantoms (HU), some with lesions and exact masks."""
+    from medhybrid.data.synth import synthesize_cohort
+
+    with progress_bar("synthesizing", n) as advance:
+        manifest = synthesize_cohort(out, n=n, dims=dims, fmt=fmt, seed=seed, progress=advance)
+    stdout.print(f"wrote {n} studies; manifest: {manifest}")
+
+
+@data_app.command("validate")
+@domain_errors
+def data_validate(
+    manifest: Annotated[Path, typer.Argument(help="Manifest CSV (see docs/manifests.md).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    no_geometry: Annotated[bool, typer.Option("--no-geometry", help="Skip mask-vs-image geometry checks.")] = False,
+) -> None:
+    """Check a manifest: files exist, labels consistent, masks match their images, splits do not leak.
+
+    Exit code 1 if any error is found.
+    """
+    from medhybrid.io.manifest import validate_manifest
+
+    report = validate_manifest(manifest, check_geometry=not no_geometry)
+    if as_json:
+        sys.stdout.write(json.dumps(report.as_dict(), indent=2) + "\n")
+    else:
+        for problem in report.warnings:
+            stderr.print(f"[yellow]warning[/]: {problem}", highlight=False)
+        for problem in report.errors:
+            stderr.print(f"[red]error[/]: {problem}", highlight=False)
+        summary = report.as_dict()
+        stdout.print(
+            f"{manifest}: {len(report.errors)} errors, {len(report.warnings)} warnings; "
+            f"splits {summary.get('split_counts', {})}, labels {summary.get('label_counts', {})}",
+            highlight=False,
+        )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@data_app.command("import-medmnist")
+@domain_errors
+def data_import_medmnist(
+    npz: Annotated[Path, typer.Argument(help="A MedMNIST .npz archive.")],
+    out: Annotated[Path, typer.Argument(help="Output folder (images + manifest.csv).")],
+) -> None:
+    """Write every sample of every split as PNG (2D) or NIfTI (3D), and a manifest."""
+    from medhybrid.data.importers import import_medmnist
+    from medhybrid.io.readers import read_medmnist
+
+    total = sum(len(labels) for _, labels in read_medmnist(npz).values())
+    with progress_bar("importing", total) as advance:
+        manifest = import_medmnist(npz, out, progress=advance)
+    stdout.print(f"manifest: {manifest}")
+
+
+@data_app.command("import-msd")
+@domain_errors
+def data_import_msd(
+    dataset_dir: Annotated[Path, typer.Argument(help="A Medical Segmentation Decathlon task folder (dataset.json).")],
+    out: Annotated[Path, typer.Argument(help="Output folder for manifest.csv.")],
+    val_fraction: Annotated[float, typer.Option(help="Share of cases in the validation split.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the deterministic split.")] = 0,
+) -> None:
+    """Write a manifest for an MSD task with a deterministic train/val split (files are not copied)."""
+    from medhybrid.data.importers import import_msd
+
+    manifest = import_msd(dataset_dir, out, val_fraction=val_fraction, seed=seed)
+    stdout.print(f"manifest: {manifest}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -60,13 +60,12 @@ def configure_logging(verbosity: int) -> None:
             root.removeHandler(handler)
     handler = RichHandler(console=stderr, show_path=False, rich_tracebacks=False, markup=False)
     handler._medhybrid = True  # type: ignore[attr-defined]
+    if verbosity <= 1:
+        # Third-party libraries (pydicom's validation chatter, decoder tracebacks) are heard only with -vv:
+        # every failure that matters reaches the user as a typed error or a QC reason instead.
+        handler.addFilter(lambda record: record.name.split(".")[0] == "medhybrid")
     root.addHandler(handler)
     root.setLevel(level)
-    logging.getLogger("medhybrid").setLevel(level)
-    # third-party chatter stays quiet unless -vv; pydicom's validation warnings about odd values are
-    # turned into typed errors or QC reasons where they matter
-    for name in ("pydicom", "PIL", "matplotlib", "highdicom"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbosity > 1 else logging.ERROR)
 
 
 @contextmanager

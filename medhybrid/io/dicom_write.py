@@ -261,14 +261,13 @@ def _base_dataset(
     ds.PatientID = patient_id
     ds.PatientBirthDate = patient_birth_date
     ds.PatientSex = ""
-    ds.BodyPartExamined = "CHEST" if modality == "CT" else ""
     if modality == "CT":
         ds.KVP = "120"
     else:
         ds.ScanningSequence = "SE"
         ds.SequenceVariant = "NONE"
         ds.ScanOptions = ""
-        ds.MRAcquisitionType = "3D" if geo is not None else ""
+        ds.MRAcquisitionType = ""
         ds.RepetitionTime = ""
         ds.EchoTime = ""
         ds.EchoTrainLength = ""

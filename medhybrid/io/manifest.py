@@ -15,8 +15,8 @@ with the manifest's stem next to it (``manifest.csv`` -> ``manifest.json``)::
     {"label_names": {"0": "normal", "1": "pneumonia"}, "mask_label_names": {"0": "background"},
      "task": "classification | segmentation | multitask", "source": "..."}
 
-Validation (:func:`validate_manifest`) lives in :mod:`medhybrid.io.manifest_checks`'s place here too:
-it never raises for a bad row, it collects :class:`Problem` s in a :class:`ValidationReport`.
+Validation (:func:`validate_manifest`) never raises for a bad row: it collects :class:`Problem` s in a
+:class:`ValidationReport`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,21 +310,3 @@ def _relative(target: Path, base: Path) -> str:
         return target.as_posix()
 
 
-# --- validation --------------------------------------------------------------------------------
-
-from medhybrid.io.manifest_checks import Problem, ValidationReport, validate_manifest  # noqa: E402
-
-__all__: Sequence[str] = (
-    "KNOWN_SPLITS",
-    "REQUIRED_COLUMNS",
-    "TASKS",
-    "Manifest",
-    "ManifestRow",
-    "Problem",
-    "ValidationReport",
-    "atomic_write_bytes",
-    "read_manifest",
-    "sidecar_path",
-    "validate_manifest",
-    "write_manifest",
-)

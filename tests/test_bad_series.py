@@ -217,3 +217,16 @@ def test_good_series_volume_matches_what_was_written(tmp_path: Path) -> None:
     first = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     k = int(np.argmin([abs(study.affine[2, 3] + study.affine[2, 2] * k - _z(ds)) for k in range(N_SLICES)]))
     assert np.array_equal(study.array[:, :, k], first.T)
+
+
+def test_native_fast_path_equals_pydicom(tmp_path: Path) -> None:
+    """The zero-copy path for uncompressed pixels gives exactly pydicom's pixel_array."""
+    from medhybrid.io.dicom_files import _native_frames, decode_frames
+
+    files = _good_series(tmp_path / "s")
+    for f in files[:3]:
+        ds = pydicom.dcmread(f)
+        fast = _native_frames(ds)
+        assert fast is not None
+        assert np.array_equal(fast[0], ds.pixel_array)
+        assert np.array_equal(decode_frames(ds, f)[0], ds.pixel_array)

@@ -18,6 +18,7 @@ import numpy as np
 
 from medhybrid.errors import CorruptPixelDataError, DicomError, MedHybridError, NotAnImageError
 from medhybrid.io.dicom_files import (
+    HEADER_AND_PIXEL_TAGS,
     HEADER_TAGS,
     PIXEL_TAGS,
     FileProblem,
@@ -105,13 +106,21 @@ def discover_dicom(
     options: IngestOptions | None = None,
     files: Iterable[Path] | None = None,
     on_file: Callable[[Path], None] | None = None,
+    keep_pixels_bytes: int = 0,
 ) -> DicomDiscovery:
     """Find, parse (headers only), group and check every DICOM series under ``root``.
+
+    Args:
+        keep_pixels_bytes: memory budget for keeping parsed files with their pixel bytes, so that
+            :func:`load_series` decodes them without parsing each file a second time (single pass).
+            Files beyond the budget are parsed for headers only and re-read when loaded.
 
     Never raises for a bad file or series: problems land in ``rejected`` / the series' QC.
     """
     out = DicomDiscovery()
     headers: list[SliceHeader] = []
+    metadata_cache: dict[str, dict[str, Any]] = {}
+    budget = keep_pixels_bytes
     for path in files if files is not None else iter_files(root):
         if on_file is not None:
             on_file(path)
@@ -123,8 +132,14 @@ def discover_dicom(
             out.skipped.append(FileProblem(path, "dicomdir", "DICOMDIR index (files are found by walking)"))
             continue
         try:
-            ds = read_dataset(path, tags=HEADER_TAGS, forced=kind == "maybe")
-            headers.extend(slice_headers(ds, path))
+            keep = budget > 0
+            ds = read_dataset(path, tags=HEADER_AND_PIXEL_TAGS if keep else HEADER_TAGS, forced=kind == "maybe")
+            file_headers = slice_headers(ds, path, metadata_cache)
+            if keep and "PixelData" in ds:
+                budget -= len(ds.PixelData)
+                for h in file_headers:
+                    h.dataset = ds
+            headers.extend(file_headers)
         except NotAnImageError as exc:
             out.skipped.append(FileProblem(path, exc.code, exc.message))
         except MedHybridError as exc:
@@ -201,7 +216,7 @@ def load_series(series: DicomSeries) -> Study:
         by_file[h.path].append((index, h))
     inverted = False
     for path, members in by_file.items():
-        ds = read_dataset(path, tags=PIXEL_TAGS, forced=sniff_dicom(path) == "maybe")
+        ds = members[0][1].dataset or read_dataset(path, tags=PIXEL_TAGS, forced=sniff_dicom(path) == "maybe")
         frames = decode_frames(ds, path)
         if frames.shape[1:3] != (first.rows, first.cols):
             raise CorruptPixelDataError(

@@ -23,6 +23,9 @@ from medhybrid.io.study import Study, Verdict
 
 logger = logging.getLogger(__name__)
 
+# load_study parses each file once and keeps pixel bytes up to this much (then re-reads the rest).
+LOAD_CACHE_BYTES = 1 << 30
+
 
 @dataclass
 class ScanReport:
@@ -157,7 +160,7 @@ def load_study(
         raise InputError("not found", path=path, fix="check the path")
     if path.is_file() and image_format(path):
         return read_image(path)
-    found = discover_dicom(path, options)
+    found = discover_dicom(path, options, keep_pixels_bytes=LOAD_CACHE_BYTES)
     by_study: dict[str, list[DicomSeries]] = defaultdict(list)
     for series in found.series:
         by_study[series.study_uid].append(series)

@@ -29,7 +29,7 @@ import numpy as np
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from medhybrid.io.study import LPS_TO_RAS
@@ -160,7 +160,9 @@ def write_dicom_series(
     if not np.all(np.isfinite(vol)):
         raise ValueError("volume holds NaN or infinity")
     if not (np.isfinite(rescale_slope) and rescale_slope > 0 and np.isfinite(rescale_intercept)):
-        raise ValueError(f"rescale slope must be > 0 and intercept finite, got {rescale_slope}, {rescale_intercept}")
+        raise ValueError(
+            f"rescale slope must be > 0 and intercept finite, got {rescale_slope}, {rescale_intercept}"
+        )
     for keyword in extra or {}:
         if tag_for_keyword(keyword) is None:
             raise ValueError(f"extra: {keyword!r} is not a DICOM keyword")
@@ -301,8 +303,8 @@ def _base_dataset(
 
 def _file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return meta
 

@@ -230,3 +230,22 @@ def test_native_fast_path_equals_pydicom(tmp_path: Path) -> None:
         assert fast is not None
         assert np.array_equal(fast[0], ds.pixel_array)
         assert np.array_equal(decode_frames(ds, f)[0], ds.pixel_array)
+
+
+def test_files_without_preamble_load(tmp_path: Path) -> None:
+    """Raw data sets (no 128-byte preamble, no File Meta) are found, parsed in forced mode, and load."""
+    files = _good_series(tmp_path / "s")
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    for f in files:
+        ds = pydicom.dcmread(f)
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, False
+        write_dataset(buffer, ds)  # the bare data set: no preamble, no File Meta
+        f.write_bytes(buffer.getvalue())
+        assert f.read_bytes()[128:132] != b"DICM"
+    (series,) = discover_dicom(tmp_path / "s").series
+    study = load_series(series)
+    assert study.spatial_shape == (24, 20, N_SLICES)
+    assert "no_file_meta" in [r.code for r in series.qc.reasons]

@@ -166,8 +166,13 @@ def group_series(headers: list[SliceHeader], options: IngestOptions | None = Non
             s.qc.warn("no_series_uid", note)
         check_series(s, options)
         series.append(s)
-    series.sort(key=lambda s: (s.study_uid, s.headers[0].safe_metadata.get("SeriesNumber") or 0, s.series_uid))
+    series.sort(key=lambda s: (s.study_uid, _series_number(s), s.series_uid))
     return series
+
+
+def _series_number(series: DicomSeries) -> int:
+    value = series.headers[0].safe_metadata.get("SeriesNumber")
+    return value if isinstance(value, int) else -1  # absent or unparseable numbers sort first
 
 
 def check_series(series: DicomSeries, options: IngestOptions | None = None) -> None:

@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, get_decoder
-from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
 from medhybrid.errors import (
@@ -83,8 +82,10 @@ HEADER_TAGS: list[str] = sorted(
         "DirectoryRecordSequence",
     }
 )
-# The pixel pass needs the Image Pixel module only (geometry came from the header pass).
+# The pixel pass needs the Image Pixel module only (geometry came from the header pass), plus
+# SOPClassUID, by which a forced parse of a file without preamble is judged a data set.
 PIXEL_TAGS: list[str] = [
+    "SOPClassUID",
     "SamplesPerPixel",
     "PhotometricInterpretation",
     "Rows",
@@ -110,17 +111,6 @@ PIXEL_TAGS: list[str] = [
     "ExtendedOffsetTable",
     "ExtendedOffsetTableLengths",
 ]
-
-
-# pydicom converts each keyword to a Tag on every dcmread; converting once saves ~15 % of a header pass.
-_TAG_CACHE: dict[int, list[BaseTag]] = {}
-
-
-def _as_tags(keywords: list[str]) -> list[BaseTag]:
-    key = id(keywords)
-    if key not in _TAG_CACHE:
-        _TAG_CACHE[key] = [Tag(k) for k in keywords]
-    return _TAG_CACHE[key]
 
 
 @dataclass
@@ -228,7 +218,7 @@ def read_dataset(path: Path, *, tags: list[str] | None = None, forced: bool = Fa
     """
     with _recorded_warnings() as caught:
         try:
-            ds = pydicom.dcmread(path, specific_tags=_as_tags(tags) if tags else None, force=forced)
+            ds = pydicom.dcmread(path, specific_tags=tags, force=forced)  # type: ignore[arg-type]
         except InvalidDicomError as exc:
             raise NotDicomError(
                 f"not a DICOM file ({exc})", path=path, fix="remove it or re-export it as DICOM Part 10"
@@ -246,7 +236,9 @@ def read_dataset(path: Path, *, tags: list[str] | None = None, forced: bool = Fa
     texts = [str(w.message) for w in caught]
     if any("End of file reached" in t or "delimiter" in t.lower() for t in texts):
         raise TruncatedFileError(
-            "file ends before its data set does (" + texts[0][:120] + ")",
+            "file ends before its data set does ("
+            + next(t for t in texts if "End of file reached" in t or "delimiter" in t.lower())[:120]
+            + ")",
             path=path,
             fix="re-copy or re-export the file",
         )
@@ -309,9 +301,23 @@ def check_image_object(ds: Dataset, path: Path) -> None:
         raise NotAnImageError("no image (Rows/Columns absent)", path=path, fix="nothing to do: it is skipped")
 
 
+_NATIVE_BY_ENCODING = {  # (implicit VR, little endian) -> native transfer syntax
+    (True, True): "1.2.840.10008.1.2",
+    (False, True): "1.2.840.10008.1.2.1",
+    (False, False): "1.2.840.10008.1.2.2",
+}
+
+
 def transfer_syntax_of(ds: Dataset, path: Path) -> str:
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    encoding = getattr(ds, "original_encoding", None)
+    if not ts and not meta and encoding in _NATIVE_BY_ENCODING:
+        # A bare data set (no preamble, no File Meta: ACR-NEMA style) always holds native pixel data;
+        # pydicom detected its VR and byte order while parsing, which fixes the syntax.
+        ts = _NATIVE_BY_ENCODING[encoding]
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ts
     if not ts:
         raise UnsupportedTransferSyntaxError(
             "the File Meta lacks TransferSyntaxUID, so the pixel encoding is unknown",
@@ -351,6 +357,11 @@ def slice_headers(
 
 def _slice_headers(ds: Dataset, path: Path, metadata_cache: dict[str, dict[str, Any]]) -> list[SliceHeader]:
     check_image_object(ds, path)
+    file_notes = []
+    if not getattr(ds, "file_meta", None):
+        file_notes.append(
+            QCReason(Verdict.WARN, "no_file_meta", "no DICOM File Meta header: transfer syntax inferred")
+        )
     ts = transfer_syntax_of(ds, path)
     n_frames = _tag(ds, "NumberOfFrames", path, int, 1) or 1
     rows = _tag(ds, "Rows", path, int)
@@ -382,9 +393,7 @@ def _slice_headers(ds: Dataset, path: Path, metadata_cache: dict[str, dict[str, 
         "instance_number": _tag(ds, "InstanceNumber", path, int),
         "safe_metadata": metadata_cache[series_uid],
     }
-    notes: list[QCReason] = []
-    if not getattr(ds, "preamble", None) and not getattr(ds, "file_meta", None):
-        notes.append(QCReason(Verdict.WARN, "no_file_meta", f"{path.name}: no DICOM File Meta header"))
+    notes = list(file_notes)
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
     per_frame_items = list(ds.PerFrameFunctionalGroupsSequence) if "PerFrameFunctionalGroupsSequence" in ds else []
     headers = []
@@ -463,6 +472,7 @@ def decode_frames(ds: Dataset, path: Path) -> np.ndarray:
     """
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise NotAnImageError("no pixel data", path=path, fix="nothing to do: it is skipped")
+    transfer_syntax_of(ds, path)  # raises for an unknown syntax; fills it in for bare data sets
     fast = _native_frames(ds)
     if fast is not None:
         return fast

@@ -14,7 +14,14 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from medhybrid import __version__
@@ -71,7 +78,13 @@ def configure_logging(verbosity: int) -> None:
 @contextmanager
 def progress_bar(description: str, total: int | None) -> Iterator[Callable[..., None]]:
     """A rich progress bar on stderr; yields ``advance(n=1, label=None)``."""
-    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    columns = [
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
         task = bar.add_task(description, total=total)
 
@@ -107,7 +120,8 @@ def data_scan(
     folder: Annotated[Path, typer.Argument(help="Folder (any depth) of DICOM and/or NIfTI/NRRD/MHA/PNG files.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
     headers_only: Annotated[
-        bool, typer.Option("--headers-only", help="Check headers and geometry only; do not decode pixel data.")
+        bool,
+        typer.Option("--headers-only", help="Check headers and geometry only; do not decode pixel data."),
     ] = False,
     spacing_tolerance: Annotated[
         float, typer.Option(help="Largest relative deviation of slice spacing before a series is rejected.")
@@ -180,7 +194,10 @@ def data_inspect(
     from medhybrid.io.select import SelectionRules
 
     rules = SelectionRules(
-        modalities=tuple(modality or ()), min_slices=min_slices, description=series_description, largest=largest
+        modalities=tuple(modality or ()),
+        min_slices=min_slices,
+        description=series_description,
+        largest=largest,
     )
     study = load_study(path, rules)
     if save is not None:

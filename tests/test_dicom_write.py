@@ -34,9 +34,7 @@ def _affine_from_lps(directions: np.ndarray, spacing: tuple[float, float, float]
     return LPS_TO_RAS @ lps
 
 
-AXIAL = np.diag([-0.75, -0.5, 2.5, 1.0]) + np.array(
-    [[0, 0, 0, 12.25], [0, 0, 0, -30.5], [0, 0, 0, 41.0], [0] * 4]
-)
+AXIAL = np.diag([-0.75, -0.5, 2.5, 1.0]) + np.array([[0, 0, 0, 12.25], [0, 0, 0, -30.5], [0, 0, 0, 41.0], [0] * 4])
 OBLIQUE = _affine_from_lps(
     _rotation("z", 23.0) @ _rotation("x", -17.0) @ _rotation("y", 9.0), (0.8, 0.6, 1.7), (-3, 7, 11)
 )
@@ -62,9 +60,7 @@ def _volume(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     return rng.uniform(-1000.0, 2000.0, size=shape)
 
 
-@pytest.mark.parametrize(
-    "affine", [AXIAL, OBLIQUE, SAGITTAL, CORONAL], ids=["axial", "oblique", "sagittal", "coronal"]
-)
+@pytest.mark.parametrize("affine", [AXIAL, OBLIQUE, SAGITTAL, CORONAL], ids=["axial", "oblique", "sagittal", "coronal"])
 def test_round_trip(tmp_path: Path, affine: np.ndarray) -> None:
     assert np.linalg.det((LPS_TO_RAS @ affine)[:3, :3]) > 0  # column 2 along the reader's normal
     volume = _volume((7, 5, 4))
@@ -84,9 +80,7 @@ def test_round_trip(tmp_path: Path, affine: np.ndarray) -> None:
 def test_pixel_layout_and_header(tmp_path: Path) -> None:
     volume = np.zeros((3, 2, 2))
     volume[2, 0, 1] = 100.0  # column 2, row 0 of slice 1
-    files = _write(
-        volume, AXIAL, tmp_path, patient_name="DOE^JANE", patient_id="X1", patient_birth_date="19500102"
-    )
+    files = _write(volume, AXIAL, tmp_path, patient_name="DOE^JANE", patient_id="X1", patient_birth_date="19500102")
     ds = pydicom.dcmread(files[1])
     assert ds.preamble == b"\0" * 128
     assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian

@@ -38,9 +38,7 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize(("shape", "suffix"), [((6, 7), ".png"), ((5, 6, 7), ".nii.gz")])
-def test_medmnist_files_read_back_as_medmnist_study(
-    tmp_path: Path, shape: tuple[int, ...], suffix: str
-) -> None:
+def test_medmnist_files_read_back_as_medmnist_study(tmp_path: Path, shape: tuple[int, ...], suffix: str) -> None:
     npz = fake_medmnist(tmp_path / "fakemnist3d_trainval.npz", shape, n_classes=3)
     calls: list[int] = []
     manifest_path = import_medmnist(npz, tmp_path / "out", progress=lambda: calls.append(1))
@@ -161,8 +159,7 @@ def test_msd_manifest_points_at_originals_with_deterministic_disjoint_split(tmp_
     assert import_msd(msd, tmp_path / "again").read_bytes() == first
     other = {r.study_id for r in read_manifest(import_msd(msd, tmp_path / "s1", seed=1)).split("val")}
     seeds = [other] + [
-        {r.study_id for r in read_manifest(import_msd(msd, tmp_path / f"s{s}", seed=s)).split("val")}
-        for s in (2, 3)
+        {r.study_id for r in read_manifest(import_msd(msd, tmp_path / f"s{s}", seed=s)).split("val")} for s in (2, 3)
     ]
     assert any(v != val for v in seeds)
     half = read_manifest(import_msd(msd, tmp_path / "half", val_fraction=0.5))

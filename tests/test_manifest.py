@@ -117,9 +117,7 @@ def test_absolute_and_dotted_paths_are_resolved(images: Path) -> None:
         ("a,x.nii.gz,0,,train,extra\n", HEADER, "line 2: 6 fields but the header has 5"),
     ],
 )
-def test_structural_problems_raise_with_file_and_line(
-    tmp_path: Path, body: str, header: str, needle: str
-) -> None:
+def test_structural_problems_raise_with_file_and_line(tmp_path: Path, body: str, header: str, needle: str) -> None:
     path = tmp_path / "bad.csv"
     path.write_text(header + body, encoding="utf-8")
     with pytest.raises(ManifestError) as info:
@@ -189,9 +187,7 @@ def test_leak_across_splits_by_id_and_by_image(images: Path) -> None:
 
 
 def test_duplicate_id_within_split_and_conflicting_labels(images: Path) -> None:
-    path = csv_file(
-        images / "m.csv", "a,data/a.nii.gz,0,,train\na,data/b.nii.gz,1,,train\nc,data/c.nii.gz,1,,val\n"
-    )
+    path = csv_file(images / "m.csv", "a,data/a.nii.gz,0,,train\na,data/b.nii.gz,1,,train\nc,data/c.nii.gz,1,,val\n")
     report = validate_manifest(path)
     assert sorted(codes(report)) == ["duplicate_id", "label_conflict"]
     assert all(p.line == 3 for p in report.errors)

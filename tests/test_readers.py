@@ -16,6 +16,7 @@ from medhybrid.io.study import LPS_TO_RAS, Study, study_key
 from medhybrid.io.writers import save_nifti
 from tests.conftest import shared_data_dir
 
+
 def _rotation(ax: float, ay: float) -> np.ndarray:
     cx, sx, cy, sy = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay)
     return np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]]) @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
@@ -125,3 +126,18 @@ def test_shared_nifti_matches_nibabel(path: Path) -> None:
     assert np.allclose(study.affine, img.affine)
     assert study.array.shape[:3] == img.shape[:3]
     assert np.allclose(study.array.reshape(img.shape), img.get_fdata(dtype=np.float32))
+
+
+def test_png_modes_keep_stored_values(tmp_path: Path) -> None:
+    labels = np.array([[0, 1, 2], [2, 1, 0]], dtype=np.uint8)
+    palette = Image.fromarray(labels, mode="L").convert("P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * (256 * 3 - 9))
+    palette.save(tmp_path / "mask.png")
+    assert set(np.unique(read_image(tmp_path / "mask.png").array)) == {0, 1, 2}  # indices, not grey levels
+    Image.fromarray(labels.astype(bool)).save(tmp_path / "bits.png")
+    assert set(np.unique(read_image(tmp_path / "bits.png").array)) == {0, 1}
+    rgb = np.zeros((2, 3, 3), np.uint8)
+    rgb[1, 2] = (10, 20, 30)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    study = read_image(tmp_path / "rgb.png")
+    assert study.shape == (3, 2, 1, 3) and study.array[2, 1, 0].tolist() == [10, 20, 30]

@@ -112,9 +112,7 @@ def test_deterministic_and_independent_of_n(tmp_path: Path, cohort: Path) -> Non
     for name in ("synth_0002.nii.gz", "synth_0002_mask.nii.gz"):
         assert (fewer / "nifti" / name).read_bytes() == (cohort / "nifti" / name).read_bytes()
     other = synthesize_cohort(tmp_path / "other", n=2, dims=3, fmt="nifti", seed=1).parent
-    assert (other / "nifti/synth_0000.nii.gz").read_bytes() != (
-        cohort / "nifti/synth_0000.nii.gz"
-    ).read_bytes()
+    assert (other / "nifti/synth_0000.nii.gz").read_bytes() != (cohort / "nifti/synth_0000.nii.gz").read_bytes()
 
 
 def test_phi_only_in_dicom(cohort: Path) -> None:

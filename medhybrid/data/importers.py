@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import logging
@@ -20,13 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from PIL import Image
 
 from medhybrid.errors import ConfigError, ImageReadError, InputError
-from medhybrid.io.manifest import ManifestRow, atomic_write_bytes, write_manifest
+from medhybrid.io.manifest import ManifestRow, write_manifest
 from medhybrid.io.readers import read_medmnist
+from medhybrid.io.writers import atomic_write_bytes, nifti_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -116,9 +115,7 @@ def import_medmnist(npz: Path, out: Path, *, progress: Callable[[], None] | None
 def _medmnist_kind(images: np.ndarray, npz: Path) -> str:
     """``2d``, ``rgb`` or ``3d`` with the same rule as :func:`~medhybrid.io.readers.medmnist_study`."""
     if images.dtype != np.uint8:
-        raise ImageReadError(
-            f"images are {images.dtype}, expected uint8", path=npz, fix="give a MedMNIST file"
-        )
+        raise ImageReadError(f"images are {images.dtype}, expected uint8", path=npz, fix="give a MedMNIST file")
     if images.ndim == 3:
         return "2d"
     if images.ndim == 4 and images.shape[-1] == 3 and images.shape[1] != 3:
@@ -154,11 +151,7 @@ def _encode_nifti(sample: np.ndarray) -> bytes:
     The gzip member gets mtime 0 and no file name (as nibabel's own DeterministicGzipFile does), so the
     bytes do not depend on when or under which temporary name they were written.
     """
-    img = nib.Nifti1Image(np.ascontiguousarray(sample.T), np.eye(4))
-    img.header.set_xyzt_units("mm")
-    img.set_qform(np.eye(4), code=1)
-    img.set_sform(np.eye(4), code=1)
-    return gzip.compress(img.to_bytes(), compresslevel=NIFTI_GZIP_LEVEL, mtime=0)
+    return nifti_bytes(np.ascontiguousarray(sample.T), np.eye(4), compresslevel=NIFTI_GZIP_LEVEL)
 
 
 # --- Medical Segmentation Decathlon -----------------------------------------------------------------
@@ -183,9 +176,7 @@ def import_msd(dataset_dir: Path, out: Path, *, val_fraction: float = 0.2, seed:
     dataset_dir = Path(dataset_dir)
     out = Path(out)
     if not 0.0 <= val_fraction <= 1.0:
-        raise ConfigError(
-            f"val_fraction must be in [0, 1], got {val_fraction}", fix="e.g. --val-fraction 0.2"
-        )
+        raise ConfigError(f"val_fraction must be in [0, 1], got {val_fraction}", fix="e.g. --val-fraction 0.2")
     meta = _read_dataset_json(dataset_dir)
     cases: dict[str, tuple[Path, Path]] = {}
     for n, entry in enumerate(meta["training"]):
@@ -202,16 +193,12 @@ def import_msd(dataset_dir: Path, out: Path, *, val_fraction: float = 0.2, seed:
     order = np.random.default_rng(seed).permutation(len(ids))
     val_ids = {ids[i] for i in order[:n_val]}
     rows = [
-        ManifestRow(
-            study_id, cases[study_id][0], None, cases[study_id][1], "val" if study_id in val_ids else "train"
-        )
+        ManifestRow(study_id, cases[study_id][0], None, cases[study_id][1], "val" if study_id in val_ids else "train")
         for study_id in ids
     ]
     names = meta.get("labels") or {}
     sidecar: dict[str, Any] = {
-        "mask_label_names": {str(int(k)): str(v) for k, v in names.items()}
-        if isinstance(names, dict)
-        else {},
+        "mask_label_names": {str(int(k)): str(v) for k, v in names.items()} if isinstance(names, dict) else {},
         "task": "segmentation",
         "source": f"Medical Segmentation Decathlon: {meta.get('name', dataset_dir.name)}",
     }
@@ -223,9 +210,7 @@ def import_msd(dataset_dir: Path, out: Path, *, val_fraction: float = 0.2, seed:
 def _read_dataset_json(dataset_dir: Path) -> dict[str, Any]:
     path = dataset_dir / "dataset.json"
     if not path.is_file():
-        raise InputError(
-            "no dataset.json", path=dataset_dir, fix="give an MSD task folder (dataset.json, imagesTr/)"
-        )
+        raise InputError("no dataset.json", path=dataset_dir, fix="give an MSD task folder (dataset.json, imagesTr/)")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -20,7 +20,6 @@ handling has something to find; none of them appears in the manifests.
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import logging
@@ -28,11 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from medhybrid.errors import ConfigError
-from medhybrid.io.dicom_write import derive_uid, write_bytes_atomic, write_dicom_series
+from medhybrid.io.dicom_write import derive_uid, write_dicom_series
+from medhybrid.io.writers import atomic_write_bytes, nifti_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +95,7 @@ def synth_affine(shape: tuple[int, int, int]) -> np.ndarray:
     All entries are binary-exact, so DICOM DS strings and NIfTI float32 headers round-trip exactly.
     """
     affine = np.diag([-PIXEL_MM, -PIXEL_MM, SLICE_MM, 1.0])
-    lps_origin = -0.5 * np.array(
-        [(shape[0] - 1) * PIXEL_MM, (shape[1] - 1) * PIXEL_MM, (shape[2] - 1) * SLICE_MM]
-    )
+    lps_origin = -0.5 * np.array([(shape[0] - 1) * PIXEL_MM, (shape[1] - 1) * PIXEL_MM, (shape[2] - 1) * SLICE_MM])
     affine[:3, 3] = np.diag([-1.0, -1.0, 1.0]) @ lps_origin
     return affine
 
@@ -219,17 +216,6 @@ def _paint_lesions(rng: np.random.Generator, hu: np.ndarray, tissue: np.ndarray,
         hu[inside] = base[inside] + np.float32(round(contrast))
 
 
-def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
-    """A .nii.gz file's bytes, deterministic: gzip with mtime 0 and no file name."""
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_data_dtype(array.dtype)
-    img.header.set_xyzt_units("mm")
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    img.header["descrip"] = b"medhybrid synth"
-    return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
-
-
 def _fake_identity(index: int) -> tuple[str, str, str]:
     """(PatientName, PatientID, PatientBirthDate) for study ``index``: fake, deterministic."""
     name = f"{_LAST[index % len(_LAST)]}^{_FIRST[(index * 5 + 3) % len(_FIRST)]}"
@@ -289,9 +275,7 @@ def synthesize_cohort(
     if dims not in (2, 3):
         raise ConfigError(f"dims must be 2 or 3, got {dims!r}", fix="pass --dims 2 or --dims 3")
     if fmt not in FORMATS:
-        raise ConfigError(
-            f"format must be one of {', '.join(FORMATS)}, got {fmt!r}", fix="pass --format both"
-        )
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}", fix="pass --format both")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"seed must be a whole number >= 0, got {seed!r}", fix="pass e.g. --seed 0")
     out = Path(out)
@@ -304,10 +288,12 @@ def synthesize_cohort(
         study = synth_study(seed, index, dims)
         sid = study.study_id
         row = {"study_id": sid, "label": str(study.label), "mask": f"nifti/{sid}_mask.nii.gz"}
-        write_bytes_atomic(out / row["mask"], _nifti_bytes(study.mask, study.affine))
+        atomic_write_bytes(out / row["mask"], nifti_bytes(study.mask, study.affine, description="medhybrid synth"))
         if fmt in ("nifti", "both"):
             row["image"] = f"nifti/{sid}.nii.gz"
-            write_bytes_atomic(out / row["image"], _nifti_bytes(study.image, study.affine))
+            atomic_write_bytes(
+                out / row["image"], nifti_bytes(study.image, study.affine, description="medhybrid synth")
+            )
         if fmt in ("dicom", "both"):
             row["dicom"] = f"dicom/{sid}"
             row.setdefault("image", row["dicom"])
@@ -336,7 +322,7 @@ def synthesize_cohort(
     writer.writeheader()
     writer.writerows(rows)
     manifest = out / "manifest.csv"
-    write_bytes_atomic(manifest, buffer.getvalue().encode("utf-8"))
+    atomic_write_bytes(manifest, buffer.getvalue().encode("utf-8"))
     sidecar = {
         "label_names": LABEL_NAMES,
         "mask_label_names": MASK_LABEL_NAMES,
@@ -345,6 +331,6 @@ def synthesize_cohort(
         "seed": int(seed),
         "dims": int(dims),
     }
-    write_bytes_atomic(out / "manifest.json", (json.dumps(sidecar, indent=2) + "\n").encode("utf-8"))
+    atomic_write_bytes(out / "manifest.json", (json.dumps(sidecar, indent=2) + "\n").encode("utf-8"))
     logger.info("wrote %d synthetic %dD studies (%s) to %s", n, dims, fmt, out)
     return manifest

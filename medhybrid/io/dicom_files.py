@@ -37,8 +37,44 @@ logger = logging.getLogger(__name__)
 
 # Files that are certainly not DICOM are ignored without being opened.
 NON_DICOM_SUFFIXES = frozenset(
-    ".txt .md .json .csv .tsv .xml .html .htm .pdf .png .jpg .jpeg .gif .bmp .tif .tiff .nii .gz .nrrd "
-    ".mha .mhd .raw .zip .tar .npz .npy .py .yaml .yml .log .ini .db .exe .sh .bat .lnk".split()
+    [
+        ".txt",
+        ".md",
+        ".json",
+        ".csv",
+        ".tsv",
+        ".xml",
+        ".html",
+        ".htm",
+        ".pdf",
+        ".png",
+        ".jpg",
+        ".jpeg",
+        ".gif",
+        ".bmp",
+        ".tif",
+        ".tiff",
+        ".nii",
+        ".gz",
+        ".nrrd",
+        ".mha",
+        ".mhd",
+        ".raw",
+        ".zip",
+        ".tar",
+        ".npz",
+        ".npy",
+        ".py",
+        ".yaml",
+        ".yml",
+        ".log",
+        ".ini",
+        ".db",
+        ".exe",
+        ".sh",
+        ".bat",
+        ".lnk",
+    ]
 )
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".ima", ".dc3"})
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -359,9 +395,7 @@ def _slice_headers(ds: Dataset, path: Path, metadata_cache: dict[str, dict[str, 
     check_image_object(ds, path)
     file_notes = []
     if not getattr(ds, "file_meta", None):
-        file_notes.append(
-            QCReason(Verdict.WARN, "no_file_meta", "no DICOM File Meta header: transfer syntax inferred")
-        )
+        file_notes.append(QCReason(Verdict.WARN, "no_file_meta", "no DICOM File Meta header: transfer syntax inferred"))
     ts = transfer_syntax_of(ds, path)
     n_frames = _tag(ds, "NumberOfFrames", path, int, 1) or 1
     rows = _tag(ds, "Rows", path, int)
@@ -399,9 +433,7 @@ def _slice_headers(ds: Dataset, path: Path, metadata_cache: dict[str, dict[str, 
     headers = []
     for frame in range(n_frames):
         per = per_frame_items[frame] if frame < len(per_frame_items) else None
-        headers.append(
-            SliceHeader(frame=frame, notes=list(notes), **common, **_frame_geometry(ds, shared, per, path))
-        )
+        headers.append(SliceHeader(frame=frame, notes=list(notes), **common, **_frame_geometry(ds, shared, per, path)))
     return headers
 
 
@@ -412,7 +444,12 @@ def _frame_geometry(ds: Dataset, shared: Dataset | None, per: Dataset | None, pa
     ori_item = _functional(shared, per, "PlaneOrientationSequence") if enhanced else None
     pix_item = _functional(shared, per, "PixelMeasuresSequence") if enhanced else None
     val_item = _functional(shared, per, "PixelValueTransformationSequence") if enhanced else None
-    pos_src, ori_src, pix_src, val_src = (pos_item or ds), (ori_item or ds), (pix_item or ds), (val_item or ds)
+    pos_src, ori_src, pix_src, val_src = (
+        (pos_item or ds),
+        (ori_item or ds),
+        (pix_item or ds),
+        (val_item or ds),
+    )
 
     position = _tag(pos_src, "ImagePositionPatient", path, tuple)
     orientation = _tag(ori_src, "ImageOrientationPatient", path, tuple)
@@ -547,6 +584,7 @@ def stored_value_range(ds: Dataset) -> tuple[float, float]:
     if int(ds.get("PixelRepresentation", 0) or 0) == 1:
         return (-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1)
     return (0.0, 2.0**bits - 1)
+
 
 # Header and pixel pass in one parse, for single-pass loading.
 HEADER_AND_PIXEL_TAGS: list[str] = sorted(set(HEADER_TAGS) | set(PIXEL_TAGS))

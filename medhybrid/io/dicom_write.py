@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from medhybrid.io.study import LPS_TO_RAS
+from medhybrid.io.writers import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -160,9 +160,7 @@ def write_dicom_series(
     if not np.all(np.isfinite(vol)):
         raise ValueError("volume holds NaN or infinity")
     if not (np.isfinite(rescale_slope) and rescale_slope > 0 and np.isfinite(rescale_intercept)):
-        raise ValueError(
-            f"rescale slope must be > 0 and intercept finite, got {rescale_slope}, {rescale_intercept}"
-        )
+        raise ValueError(f"rescale slope must be > 0 and intercept finite, got {rescale_slope}, {rescale_intercept}")
     for keyword in extra or {}:
         if tag_for_keyword(keyword) is None:
             raise ValueError(f"extra: {keyword!r} is not a DICOM keyword")
@@ -313,17 +311,4 @@ def _write_atomic(path: Path, ds: Dataset) -> None:
     """Encode ``ds`` as a DICOM Part 10 file (preamble, DICM, File Meta) and move it into place."""
     buffer = io.BytesIO()
     dcmwrite(buffer, ds, enforce_file_format=True)
-    write_bytes_atomic(path, buffer.getvalue())
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a hidden temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, buffer.getvalue())

@@ -26,7 +26,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 
 from medhybrid.errors import ManifestError, MedHybridError
 from medhybrid.io.readers import image_format, read_geometry, read_image
+from medhybrid.io.writers import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -136,9 +136,7 @@ def read_manifest(path: Path) -> Manifest:
         raise ManifestError(f"line 1: {exc}", path=path) from None
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
-        raise ManifestError(
-            f"line 1: missing column(s) {missing}; header is {header}", path=path, fix=_header_fix()
-        )
+        raise ManifestError(f"line 1: missing column(s) {missing}; header is {header}", path=path, fix=_header_fix())
     dupes = sorted({h for h in header if header.count(h) > 1})
     if dupes:
         raise ManifestError(f"line 1: repeated column(s) {dupes}", path=path, fix="give each column once")
@@ -174,9 +172,7 @@ def _parse_row(record: dict[str, str], line: int, base: Path, path: Path) -> Man
         raise ManifestError(f"line {line}: empty study_id", path=path, fix="give every row a study_id")
     image = values.pop("image")
     if not image:
-        raise ManifestError(
-            f"line {line}: empty image ({study_id})", path=path, fix="give every row an image"
-        )
+        raise ManifestError(f"line {line}: empty image ({study_id})", path=path, fix="give every row an image")
     label_text = values.pop("label")
     mask = values.pop("mask")
     return ManifestRow(
@@ -223,9 +219,7 @@ def _read_sidecar(manifest: Manifest) -> None:
     try:
         data = json.loads(side.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(
-            f"sidecar is not valid JSON ({exc})", path=side, fix="repair or remove it"
-        ) from None
+        raise ManifestError(f"sidecar is not valid JSON ({exc})", path=side, fix="repair or remove it") from None
     if not isinstance(data, dict):
         raise ManifestError("sidecar must hold a JSON object", path=side, fix="see docs/manifests.md")
     manifest.sidecar = data
@@ -255,22 +249,6 @@ def _names(value: Any, key: str, side: Path) -> dict[int, str]:
 
 
 # --- writing -----------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> None:
-    """Write ``data`` to a temporary file in ``path``'s folder, then ``os.replace`` it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_manifest(path: Path, rows: Iterable[ManifestRow], *, sidecar: dict[str, Any] | None = None) -> Path:
@@ -407,9 +385,7 @@ def validate_manifest(path: Path, *, check_geometry: bool = True) -> ValidationR
         report.split_counts[split] = len(manifest.split(split))
         if any(r.label is not None for r in manifest.split(split)):
             report.label_counts[split] = manifest.label_counts(split)
-    logger.info(
-        "%s: %d rows, %d errors, %d warnings", path, report.rows, len(report.errors), len(report.warnings)
-    )
+    logger.info("%s: %d rows, %d errors, %d warnings", path, report.rows, len(report.errors), len(report.warnings))
     return report
 
 
@@ -420,9 +396,7 @@ def _check_row_files(row: ManifestRow, report: ValidationReport) -> None:
     elif not row.image.is_file():
         report.error(row, "image_missing", f"image {row.image} does not exist")
     elif image_format(row.image) is None:
-        report.error(
-            row, "unsupported_format", f"image {row.image.name}: not NIfTI/NRRD/MHA/PNG or a DICOM folder"
-        )
+        report.error(row, "unsupported_format", f"image {row.image.name}: not NIfTI/NRRD/MHA/PNG or a DICOM folder")
     if row.mask is not None:
         if not row.mask.is_file():
             what = "is a folder, not a label-map file" if row.mask.is_dir() else "does not exist"
@@ -455,9 +429,7 @@ def _check_ids(manifest: Manifest, report: ValidationReport) -> None:
         image_key = row.image.resolve()
         first = image_splits.setdefault(image_key, {}).setdefault(row.split, row)
         if first is not row and first.study_id != row.study_id:
-            report.warn(
-                row, "duplicate_image", f"same image as {first.study_id} (line {first.line}) in {row.split!r}"
-            )
+            report.warn(row, "duplicate_image", f"same image as {first.study_id} (line {first.line}) in {row.split!r}")
     for study_id, by_split in id_splits.items():
         if len(by_split) > 1:
             rows = list(by_split.values())
@@ -480,31 +452,23 @@ def _check_labels(manifest: Manifest, report: ValidationReport) -> None:
     labelled = [r for r in manifest.rows if r.label is not None]
     unlabelled = [r for r in manifest.rows if r.label is None]
     if labelled and unlabelled:
-        report.warn(
-            unlabelled[0], "labels_partial", f"{len(unlabelled)} of {len(manifest.rows)} rows have no label"
-        )
+        report.warn(unlabelled[0], "labels_partial", f"{len(unlabelled)} of {len(manifest.rows)} rows have no label")
     names = manifest.label_names
     labels_of: dict[str, dict[int, ManifestRow]] = {}
     for row in labelled:
         assert row.label is not None
         if names and row.label not in names:
-            report.error(
-                row, "label_unknown", f"label {row.label} is not in the sidecar's label_names {sorted(names)}"
-            )
+            report.error(row, "label_unknown", f"label {row.label} is not in the sidecar's label_names {sorted(names)}")
         labels_of.setdefault(row.study_id, {}).setdefault(row.label, row)
     for study_id, by_label in labels_of.items():
         if len(by_label) > 1:
             found = ", ".join(f"{label} (line {r.line})" for label, r in by_label.items())
-            report.error(
-                list(by_label.values())[1], "label_conflict", f"study_id {study_id} has labels {found}"
-            )
+            report.error(list(by_label.values())[1], "label_conflict", f"study_id {study_id} has labels {found}")
     if labelled:
         for split in manifest.splits():
             classes = manifest.label_counts(split)
             if len(classes) == 1:
-                report.warn(
-                    None, "single_class", f"split {split!r} has a single class: {next(iter(classes))}"
-                )
+                report.warn(None, "single_class", f"split {split!r} has a single class: {next(iter(classes))}")
     task = manifest.task
     if task is not None and task not in TASKS:
         report.warn(None, "task_unknown", f"sidecar task {task!r} is not one of {list(TASKS)}")
@@ -531,14 +495,10 @@ def _check_mask(row: ManifestRow, mask_names: dict[int, str], report: Validation
             report.error(row, "mask_unreadable", f"mask header: {exc.message}")
             return
         if tuple(image_shape) != tuple(mask_shape):
-            report.error(
-                row, "mask_shape_mismatch", f"mask shape {tuple(mask_shape)} != image {tuple(image_shape)}"
-            )
+            report.error(row, "mask_shape_mismatch", f"mask shape {tuple(mask_shape)} != image {tuple(image_shape)}")
         elif not np.allclose(image_affine, mask_affine, rtol=0.0, atol=AFFINE_ATOL_MM):
             diff = float(np.max(np.abs(np.asarray(image_affine) - np.asarray(mask_affine))))
-            report.error(
-                row, "mask_affine_mismatch", f"mask affine differs from the image's by up to {diff:.4g} mm"
-            )
+            report.error(row, "mask_affine_mismatch", f"mask affine differs from the image's by up to {diff:.4g} mm")
     _check_mask_values(row, mask_names, report)
 
 
@@ -558,9 +518,7 @@ def _check_mask_values(row: ManifestRow, mask_names: dict[int, str], report: Val
     values = values.astype(np.float64)
     bad = values[~np.isfinite(values) | (values < 0) | (np.mod(values, 1.0) != 0)]
     if bad.size:
-        report.error(
-            row, "mask_values", f"mask holds values that are not non-negative integers: {bad[:5].tolist()}"
-        )
+        report.error(row, "mask_values", f"mask holds values that are not non-negative integers: {bad[:5].tolist()}")
         return
     unknown = sorted(int(v) for v in values if int(v) not in mask_names)
     if mask_names and unknown:

@@ -73,14 +73,22 @@ def read_image(path: Path, *, dtype: type = np.float32) -> Study:
 
 
 def make_study(
-    array: np.ndarray, affine: np.ndarray, path: Path, fmt: str, *, dtype: type = np.float32, key: str | None = None
+    array: np.ndarray,
+    affine: np.ndarray,
+    path: Path,
+    fmt: str,
+    *,
+    dtype: type = np.float32,
+    key: str | None = None,
 ) -> Study:
     """Validate geometry and wrap an array read from ``path`` into a Study (3D spatial, channels last)."""
     qc = QCReport()
     affine = np.asarray(affine, dtype=float)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ImageReadError(
-            f"the affine is singular or not finite: {affine.tolist()}", path=path, fix="repair the header's sform/qform"
+            f"the affine is singular or not finite: {affine.tolist()}",
+            path=path,
+            fix="repair the header's sform/qform",
         )
     if array.ndim == 2:
         array = array[:, :, np.newaxis]
@@ -112,13 +120,22 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_png(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """PNG pixels as they are stored: grey (8/16-bit), palette *indices* (label maps), 1-bit as 0/1,
+    colour as RGB channels; 1 mm pixels, identity affine."""
     with Image.open(path) as im:
-        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F", "L"):
-            array = np.asarray(im)
-        else:
+        if im.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
+            array = np.asarray(im.convert("RGB"))  # (rows, cols, 3)
+        elif im.mode == "LA":
             array = np.asarray(im.convert("L"))
-    # PIL gives (rows, cols); medhybrid indexes (i=column, j=row): transpose, 1 mm pixels
-    return array.T.astype(np.float32), np.eye(4)
+        elif im.mode == "PA":
+            array = np.asarray(im.convert("P"))
+        else:  # L, P, 1, I, I;16*, F: the stored values themselves
+            array = np.asarray(im)
+    array = array.astype(np.uint8) if array.dtype == bool else array
+    # PIL gives (rows, cols[, 3]); medhybrid indexes (i=column, j=row): swap the two, keep channels last
+    if array.ndim == 3:
+        return np.transpose(array, (1, 0, 2))[:, :, np.newaxis, :], np.eye(4)
+    return array.T, np.eye(4)
 
 
 def _read_sitk(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -143,6 +160,10 @@ def read_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
         InputError, UnsupportedFormatError, ImageReadError
     """
     path = Path(path)
+    if path.is_dir():
+        raise UnsupportedFormatError(
+            "a folder, not an image file (DICOM folders get their geometry from the DICOM reader)", path=path
+        )
     if not path.is_file():
         raise InputError("file not found", path=path, fix="check the path")
     fmt = image_format(path)
@@ -175,6 +196,9 @@ def read_medmnist(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     Raises:
         ImageReadError if the archive is not a MedMNIST file.
     """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", path=path, fix="check the path")
     try:
         with np.load(path) as npz:
             keys = set(npz.files)
@@ -182,8 +206,10 @@ def read_medmnist(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             for split in ("train", "val", "test"):
                 if f"{split}_images" in keys and f"{split}_labels" in keys:
                     splits[split] = (npz[f"{split}_images"], np.asarray(npz[f"{split}_labels"]).reshape(-1))
-    except (OSError, ValueError) as exc:
-        raise ImageReadError(f"cannot be read as .npz ({exc})", path=path, fix="check the file") from None
+    except Exception as exc:  # np.load raises OSError, ValueError, BadZipFile, TypeError (a .npy), ...
+        raise ImageReadError(
+            f"cannot be read as a MedMNIST .npz ({type(exc).__name__}: {exc})", path=path, fix="check the file"
+        ) from None
     if not splits:
         raise ImageReadError(
             f"no MedMNIST arrays (e.g. train_images/train_labels) among {sorted(keys)}",
@@ -191,6 +217,13 @@ def read_medmnist(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             fix="give an official MedMNIST .npz file",
         )
     for split, (images, labels) in splits.items():
+        if len(labels) != len(images) and len(labels) % max(len(images), 1) == 0:
+            raise ImageReadError(
+                f"{split}: {len(labels) // max(len(images), 1)} labels per image (a multi-label dataset, e.g. "
+                "ChestMNIST); medhybrid's manifests hold one class label per study",
+                path=path,
+                fix="pick one label column and save a single-label .npz",
+            )
         if len(images) != len(labels):
             raise ImageReadError(f"{split}: {len(images)} images but {len(labels)} labels", path=path)
     return splits
@@ -207,6 +240,4 @@ def medmnist_study(images: np.ndarray, index: int, source: Path, split: str) -> 
         array = np.transpose(sample, (1, 0, 2))[:, :, np.newaxis, :]  # RGB 2D
     else:
         array = sample.T
-    return make_study(
-        array, np.eye(4), source, "medmnist", key=study_key(f"{source.resolve()}#{split}/{index}")
-    )
+    return make_study(array, np.eye(4), source, "medmnist", key=study_key(f"{source.resolve()}#{split}/{index}"))

@@ -15,7 +15,14 @@ from typing import Any
 
 from medhybrid.errors import AmbiguousSeriesError, InputError, MedHybridError
 from medhybrid.io.dicom import DicomSeries, discover_dicom, load_series
-from medhybrid.io.dicom_files import PIXEL_TAGS, FileProblem, decode_frames, iter_files, read_dataset, sniff_dicom
+from medhybrid.io.dicom_files import (
+    PIXEL_TAGS,
+    FileProblem,
+    decode_frames,
+    iter_files,
+    read_dataset,
+    sniff_dicom,
+)
 from medhybrid.io.geometry import IngestOptions
 from medhybrid.io.readers import image_format, read_image
 from medhybrid.io.select import SelectionRules, select_series
@@ -146,9 +153,7 @@ def _step(on_step: Callable[[str], None] | None, label: str) -> Callable[[Path],
     return lambda _path: on_step(label)
 
 
-def load_study(
-    path: Path, rules: SelectionRules | None = None, options: IngestOptions | None = None
-) -> Study:
+def load_study(path: Path, rules: SelectionRules | None = None, options: IngestOptions | None = None) -> Study:
     """Load the one study at ``path``: an image file, a DICOM file, or a folder holding one DICOM study.
 
     Raises:

@@ -1,38 +1,62 @@
-"""Write volumes atomically (temp file in the same folder, then rename): nothing half-written survives a kill."""
+"""The one place files are written: atomically (temp file in the same folder, then rename), so a kill
+never leaves a half-written file, and deterministically, so the same data gives the same bytes."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary path next to ``path``, then rename it into place."""
+def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> Path:
+    """Write ``data`` to a hidden temporary file next to ``path``, then ``os.replace`` it into place.
+
+    Args:
+        fsync: flush to disk before the rename (for small files whose loss would matter, e.g. manifests).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)  # keep .nii.gz so writers pick the right format
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        write(tmp)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, dtype: type | None = None) -> Path:
-    """Save ``array`` (I, J, K[, C]) with a RAS ``affine`` as NIfTI, atomically."""
-    data = np.asarray(array, dtype=dtype) if dtype is not None else np.asarray(array)
-    img = nib.Nifti1Image(data, np.asarray(affine, dtype=float))
+def nifti_bytes(array: np.ndarray, affine: np.ndarray, *, description: str = "", compresslevel: int = 6) -> bytes:
+    """A ``.nii.gz`` file's bytes, deterministic: gzip with mtime 0 and no file name.
+
+    ``array`` is stored with its own dtype; ``affine`` (RAS) goes to both sform and qform (qform only if
+    it has no shear, which NIfTI's qform cannot express).
+    """
+    affine = np.asarray(affine, dtype=float)
+    img = nib.Nifti1Image(np.asarray(array), affine)
+    img.header.set_data_dtype(np.asarray(array).dtype)
     img.header.set_xyzt_units("mm", "sec")
-    img.set_sform(np.asarray(affine, dtype=float), code=1)
-    img.set_qform(np.asarray(affine, dtype=float), code=1)
-    return atomic_write(Path(path), lambda tmp: nib.save(img, str(tmp)))
+    img.header.set_sform(affine, code=1)
+    try:
+        img.header.set_qform(affine, code=1, strip_shears=False)
+    except nib.spatialimages.HeaderDataError:
+        img.header.set_qform(affine, code=0)  # sheared: the sform carries the geometry
+    if description:
+        img.header["descrip"] = description.encode("ascii", "replace")[:79]
+    return gzip.compress(img.to_bytes(), compresslevel=compresslevel, mtime=0)
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, dtype: type | None = None) -> Path:
+    """Save ``array`` (I, J, K[, C]) with a RAS ``affine`` as ``.nii.gz``, atomically and deterministically."""
+    data = np.asarray(array, dtype=dtype) if dtype is not None else np.asarray(array)
+    if not str(path).endswith(".nii.gz"):
+        raise ValueError(f"save_nifti writes .nii.gz files, got {path}")
+    return atomic_write_bytes(Path(path), nifti_bytes(data, affine))

@@ -235,7 +235,7 @@ def data_validate(
 
     Exit code 1 if any error is found.
     """
-    from medhybrid.io.manifest import validate_manifest
+    from medhybrid.io.manifest_validate import validate_manifest
 
     report = validate_manifest(manifest, check_geometry=not no_geometry)
     if as_json:

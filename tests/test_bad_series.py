@@ -221,7 +221,7 @@ def test_good_series_volume_matches_what_was_written(tmp_path: Path) -> None:
 
 def test_native_fast_path_equals_pydicom(tmp_path: Path) -> None:
     """The zero-copy path for uncompressed pixels gives exactly pydicom's pixel_array."""
-    from medhybrid.io.dicom_files import _native_frames, decode_frames
+    from medhybrid.io.dicom_pixels import _native_frames, decode_frames
 
     files = _good_series(tmp_path / "s")
     for f in files[:3]:

@@ -16,7 +16,8 @@ from PIL import Image
 
 from medhybrid.data.importers import import_medmnist, import_msd, medmnist_name
 from medhybrid.errors import ConfigError, ImageReadError, InputError
-from medhybrid.io.manifest import read_manifest, validate_manifest
+from medhybrid.io.manifest import read_manifest
+from medhybrid.io.manifest_validate import validate_manifest
 from medhybrid.io.readers import medmnist_study, read_image, read_medmnist
 
 SPLITS = {"train": 5, "val": 3, "test": 2}

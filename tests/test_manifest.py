@@ -11,14 +11,8 @@ import pytest
 from PIL import Image
 
 from medhybrid.errors import ManifestError
-from medhybrid.io.manifest import (
-    Manifest,
-    ManifestRow,
-    ValidationReport,
-    read_manifest,
-    validate_manifest,
-    write_manifest,
-)
+from medhybrid.io.manifest import Manifest, ManifestRow, read_manifest, write_manifest
+from medhybrid.io.manifest_validate import ValidationReport, validate_manifest
 
 HEADER = "study_id,image,label,mask,split\n"
 

@@ -15,21 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from medhybrid.errors import CorruptPixelDataError, DicomError, MedHybridError, NotAnImageError
 from medhybrid.io.dicom_files import (
-    HEADER_AND_PIXEL_TAGS,
     HEADER_TAGS,
-    PIXEL_TAGS,
     FileProblem,
     SliceHeader,
-    decode_frames,
     iter_files,
     read_dataset,
     slice_headers,
     sniff_dicom,
-    stored_value_range,
 )
+from medhybrid.io.dicom_pixels import HEADER_AND_PIXEL_TAGS, PIXEL_TAGS, decode_frames, stored_value_range
 from medhybrid.io.geometry import IngestOptions, SeriesGeometry, series_geometry
 from medhybrid.io.study import LPS_TO_RAS, QCReport, Study, Verdict, spacing_from_affine, study_key
 
@@ -199,6 +197,16 @@ def check_series(series: DicomSeries, options: IngestOptions | None = None) -> N
         series.qc.add(Verdict.OK, "single_slice", "one slice: a 2D image")
 
 
+def read_pixels(path: Path, parsed: Dataset | None = None) -> tuple[Dataset, np.ndarray]:
+    """Parse ``path`` for its pixel data (unless ``parsed`` already holds it) and decode all frames.
+
+    Raises:
+        NotDicomError, TruncatedFileError, CorruptPixelDataError, UnsupportedTransferSyntaxError
+    """
+    ds = parsed or read_dataset(path, tags=PIXEL_TAGS, forced=sniff_dicom(path) == "maybe")
+    return ds, decode_frames(ds, path)
+
+
 def load_series(series: DicomSeries) -> Study:
     """Decode the pixel data of a checked series into a Study.
 
@@ -221,8 +229,7 @@ def load_series(series: DicomSeries) -> Study:
         by_file[h.path].append((index, h))
     inverted = False
     for path, members in by_file.items():
-        ds = members[0][1].dataset or read_dataset(path, tags=PIXEL_TAGS, forced=sniff_dicom(path) == "maybe")
-        frames = decode_frames(ds, path)
+        ds, frames = read_pixels(path, members[0][1].dataset)
         if frames.shape[1:3] != (first.rows, first.cols):
             raise CorruptPixelDataError(
                 f"decoded frames are {frames.shape[1:3]}, header says {(first.rows, first.cols)}", path=path

@@ -14,15 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from medhybrid.errors import AmbiguousSeriesError, InputError, MedHybridError
-from medhybrid.io.dicom import DicomSeries, discover_dicom, load_series
-from medhybrid.io.dicom_files import (
-    PIXEL_TAGS,
-    FileProblem,
-    decode_frames,
-    iter_files,
-    read_dataset,
-    sniff_dicom,
-)
+from medhybrid.io.dicom import DicomSeries, discover_dicom, load_series, read_pixels
+from medhybrid.io.dicom_files import FileProblem, iter_files
 from medhybrid.io.geometry import IngestOptions
 from medhybrid.io.readers import image_format, read_image
 from medhybrid.io.select import SelectionRules, select_series
@@ -124,7 +117,7 @@ def _decode_check(series: DicomSeries, report: ScanReport) -> None:
     if series.error is not None:
         for path in series.files:
             try:
-                decode_frames(read_dataset(path, tags=PIXEL_TAGS, forced=sniff_dicom(path) == "maybe"), path)
+                read_pixels(path)
             except MedHybridError as exc:
                 report.rejected.append(FileProblem(path, exc.code, exc.message))
         return

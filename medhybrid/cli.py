@@ -241,10 +241,12 @@ def data_validate(
     if as_json:
         sys.stdout.write(json.dumps(report.as_dict(), indent=2) + "\n")
     else:
-        for problem in report.warnings:
-            stderr.print(f"[yellow]warning[/]: {problem}", highlight=False)
-        for problem in report.errors:
-            stderr.print(f"[red]error[/]: {problem}", highlight=False)
+        shown = 20  # the rest are usually the same problem again; --json lists all
+        for level, problems in (("[yellow]warning[/]", report.warnings), ("[red]error[/]", report.errors)):
+            for problem in problems[:shown]:
+                stderr.print(f"{level}: {problem}", highlight=False, markup=True)
+            if len(problems) > shown:
+                stderr.print(f"{level}: ... and {len(problems) - shown} more (use --json for all)")
         summary = report.as_dict()
         stdout.print(
             f"{manifest}: {len(report.errors)} errors, {len(report.warnings)} warnings; "

@@ -227,3 +227,15 @@ def test_real_pneumoniamnist_imports_and_validates(shared_data: Path, tmp_path: 
     report = validate_manifest(import_medmnist(npz, tmp_path / "pneumonia"))
     assert report.errors == [] and report.warnings == []
     assert report.label_counts == {"train": {0: 1214, 1: 3494}, "val": {0: 135, 1: 389}}
+
+
+def test_relative_output_folder_gives_paths_relative_to_the_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    npz = fake_medmnist(tmp_path / "toy.npz", (6, 7))
+    monkeypatch.chdir(tmp_path)
+    manifest = import_medmnist(Path("toy.npz"), Path("nested") / "out")
+    first_image = manifest.read_text(encoding="utf-8").splitlines()[1].split(",")[1]
+    assert first_image.startswith("images/")
+    assert validate_manifest(manifest).ok
+    assert npz.exists()

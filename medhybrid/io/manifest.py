@@ -288,9 +288,8 @@ def write_manifest(path: Path, rows: Iterable[ManifestRow], *, sidecar: dict[str
 
 
 def _relative(target: Path, base: Path) -> str:
-    target = Path(target)
-    if not target.is_absolute():
-        return target.as_posix()
+    # a relative path in a ManifestRow means what it means to Python: relative to the working directory
+    target = Path(target).absolute()
     # resolve the folders (base is physical too) but keep a file-level symlink as given
     physical = target.parent.resolve() / target.name
     try:

@@ -120,7 +120,9 @@ def main() -> None:
         "shape": main_case["shape"],
         "values_match": all(r["values_match"] for r in results),
         "real_series_ratio_median": (
-            round(statistics.median(float(r["ratio_vs_simpleitk"]) for r in results[1:]), 3) if len(results) > 1 else None
+            round(statistics.median(float(r["ratio_vs_simpleitk"]) for r in results[1:]), 3)
+            if len(results) > 1
+            else None
         ),
         "cases": results,
     }

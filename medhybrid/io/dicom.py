@@ -237,8 +237,12 @@ def load_series(series: DicomSeries) -> Study:
         lo, hi = stored_value_range(ds)
         for index, h in members:
             out = volume[index]
-            np.multiply(frames[h.frame], h.slope, out=out, casting="unsafe")
-            out += h.intercept
+            # rescale in float32, one pass when the slope is 1 (the usual CT case)
+            if h.slope == 1.0:
+                np.add(frames[h.frame], np.float32(h.intercept), out=out, dtype=np.float32, casting="unsafe")
+            else:
+                np.multiply(frames[h.frame], np.float32(h.slope), out=out, dtype=np.float32, casting="unsafe")
+                out += np.float32(h.intercept)
             if h.photometric == "MONOCHROME1":
                 # MONOCHROME1 shows low values bright; flip within the rescaled stored range
                 out *= -1.0

@@ -47,11 +47,13 @@ class MedHybridError(Exception):
             parts.append(f"fix: {self.fix}")
         return "; ".join(parts)
 
-    def __reduce__(self):  # keep the keyword arguments when pickled (process pools)
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:  # keep keyword arguments when pickled
         return (_rebuild, (type(self), self.message, self.path, self.fix, self.files))
 
 
-def _rebuild(cls, message, path, fix, files):  # type: ignore[no-untyped-def]
+def _rebuild(
+    cls: type[MedHybridError], message: str, path: Path | None, fix: str | None, files: list[Path]
+) -> MedHybridError:
     return cls(message, path=path, fix=fix, files=files)
 
 

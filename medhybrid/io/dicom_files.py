@@ -222,7 +222,7 @@ def read_dataset(path: Path, *, tags: list[str] | None = None, forced: bool = Fa
     """
     with recorded_warnings() as caught:
         try:
-            ds = pydicom.dcmread(path, specific_tags=tags, force=forced)  # type: ignore[arg-type]
+            ds = pydicom.dcmread(path, specific_tags=tags, force=forced)
         except InvalidDicomError as exc:
             raise NotDicomError(
                 f"not a DICOM file ({exc})", path=path, fix="remove it or re-export it as DICOM Part 10"
@@ -319,7 +319,7 @@ def transfer_syntax_of(ds: Dataset, path: Path) -> str:
     if not ts and not meta and encoding in _NATIVE_BY_ENCODING:
         # A bare data set (no preamble, no File Meta: ACR-NEMA style) always holds native pixel data;
         # pydicom detected its VR and byte order while parsing, which fixes the syntax.
-        ts = _NATIVE_BY_ENCODING[encoding]
+        ts = UID(_NATIVE_BY_ENCODING[encoding])
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ts
     if not ts:

@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from medhybrid.errors import MedHybridError
 from medhybrid.io.manifest import AFFINE_ATOL_MM, KNOWN_SPLITS, TASKS, Manifest, ManifestRow, read_manifest
-from medhybrid.io.readers import image_format, read_geometry, read_image
+from medhybrid.io.readers import image_format, load_nifti, read_geometry, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +221,7 @@ def _check_mask_values(row: ManifestRow, mask_names: dict[int, str], report: Val
     assert row.mask is not None
     try:
         if image_format(row.mask) == "nifti":
-            values = np.unique(np.asanyarray(nib.load(str(row.mask)).dataobj))
+            values = np.unique(np.asanyarray(load_nifti(row.mask).dataobj))
         else:
             values = np.unique(read_image(row.mask, dtype=np.float64).array)
     except MedHybridError as exc:

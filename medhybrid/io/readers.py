@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -113,8 +114,13 @@ def make_study(
     )
 
 
+def load_nifti(path: Path) -> nib.Nifti1Image | nib.Nifti2Image:
+    """nibabel's loader, typed (nib.load is declared to return any image format)."""
+    return cast("nib.Nifti1Image | nib.Nifti2Image", nib.load(str(path)))
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    img = nib.load(str(path))
+    img = load_nifti(path)
     # get_fdata applies scl_slope/scl_inter; float32 is enough for every modality we read
     return np.asarray(img.get_fdata(dtype=np.float32)), np.asarray(img.affine, dtype=float)
 
@@ -169,7 +175,7 @@ def read_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
     fmt = image_format(path)
     try:
         if fmt == "nifti":
-            img = nib.load(str(path))
+            img = load_nifti(path)
             shape = tuple(int(s) for s in img.shape[:3])
             return shape + (1,) * (3 - len(shape)), np.asarray(img.affine, dtype=float)
         if fmt == "png":

@@ -160,4 +160,8 @@ def test_scan_cli_json_lists_everything_without_traceback() -> None:
     assert everything <= series_files | listed
     names = {Path(p["path"]).name for p in report["rejected_files"]}
     assert {"MR_truncated.dcm", "no_meta.dcm", "meta_missing_tsyntax.dcm"} <= names
+    # every DICOMDIR variant (big endian, implicit, empty, ...) is skipped as an index, never "rejected"
+    dicomdirs = {Path(p["path"]).name: p["code"] for p in report["skipped_files"] if "DICOMDIR" in p["path"]}
+    assert len(dicomdirs) == 7 and set(dicomdirs.values()) <= {"dicomdir", "not_an_image"}
+    assert not any("DICOMDIR" in name for name in names)
     assert report["counts"]["series"] == sum(len(s["series"]) for s in report["studies"])

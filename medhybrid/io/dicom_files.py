@@ -112,7 +112,6 @@ HEADER_TAGS: list[str] = sorted(
         "RescaleIntercept",
         "SharedFunctionalGroupsSequence",
         "PerFrameFunctionalGroupsSequence",
-        "DirectoryRecordSequence",
     }
 )
 
@@ -252,6 +251,8 @@ def read_dataset(path: Path, *, tags: list[str] | None = None, forced: bool = Fa
             path=path,
             fix="remove it or re-export it as DICOM Part 10",
         )
+    if is_dicomdir(ds):
+        raise NotAnImageError("a DICOMDIR index, not an image", path=path, fix="nothing to do: it is skipped")
     if len(ds) == 0:
         meta = getattr(ds, "file_meta", None)
         if meta is not None and "TransferSyntaxUID" not in meta:
@@ -289,11 +290,18 @@ def _functional(shared: Dataset | None, per_frame: Dataset | None, seq: str) -> 
     return _first_item(per_frame, seq) or _first_item(shared, seq)
 
 
+def is_dicomdir(ds: Dataset) -> bool:
+    """A DICOMDIR index, told by its Media Storage SOP Class (no need to parse its record sequence)."""
+    meta = getattr(ds, "file_meta", None)
+    media_class = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
+    return MEDIA_STORAGE_DIRECTORY in (media_class, str(ds.get("SOPClassUID", "")))
+
+
 def check_image_object(ds: Dataset, path: Path) -> None:
     """Raise NotAnImageError for DICOM objects that hold no image to analyse."""
     sop = str(ds.get("SOPClassUID", ""))
     modality = str(ds.get("Modality", "")).upper()
-    if sop == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+    if is_dicomdir(ds):
         raise NotAnImageError("a DICOMDIR index, not an image", path=path, fix="nothing to do: it is skipped")
     if sop in NON_IMAGE_SOP_CLASSES:
         raise NotAnImageError(NON_IMAGE_SOP_CLASSES[sop], path=path, fix="nothing to do: it is skipped")

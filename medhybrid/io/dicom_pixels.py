@@ -77,7 +77,7 @@ def decode_frames(ds: Dataset, path: Path) -> np.ndarray:
             ) from None
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    colour = pixels.shape[-1] == 3 and (samples == 3 or pixels.ndim == 3 + (n_frames > 1))
+    colour = samples == 3 or str(ds.get("PhotometricInterpretation", "")).strip() == "PALETTE COLOR"
     if n_frames == 1:
         pixels = pixels[np.newaxis]
     expected = 3 + (1 if colour else 0)

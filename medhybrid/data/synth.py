@@ -19,9 +19,6 @@ handling has something to find; none of them appears in the manifests.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +28,7 @@ import numpy as np
 
 from medhybrid.errors import ConfigError
 from medhybrid.io.dicom_write import derive_uid, write_dicom_series
+from medhybrid.io.manifest import ManifestRow, write_manifest
 from medhybrid.io.writers import atomic_write_bytes, nifti_bytes
 
 logger = logging.getLogger(__name__)
@@ -316,13 +314,17 @@ def synthesize_cohort(
             progress()
     for row, split in zip(rows, assign_splits(labels, seed), strict=True):
         row["split"] = split
-    columns = ["study_id", "image", "label", "mask", "split"] + (["dicom"] if fmt != "nifti" else [])
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    manifest = out / "manifest.csv"
-    atomic_write_bytes(manifest, buffer.getvalue().encode("utf-8"))
+    manifest_rows = [
+        ManifestRow(
+            study_id=row["study_id"],
+            image=out / row["image"],
+            label=int(row["label"]),
+            mask=out / row["mask"],
+            split=row["split"],
+            extra={"dicom": row["dicom"]} if "dicom" in row else {},
+        )
+        for row in rows
+    ]
     sidecar = {
         "label_names": LABEL_NAMES,
         "mask_label_names": MASK_LABEL_NAMES,
@@ -331,6 +333,6 @@ def synthesize_cohort(
         "seed": int(seed),
         "dims": int(dims),
     }
-    atomic_write_bytes(out / "manifest.json", (json.dumps(sidecar, indent=2) + "\n").encode("utf-8"))
+    manifest = write_manifest(out / "manifest.csv", manifest_rows, sidecar=sidecar, sort=False)  # study order
     logger.info("wrote %d synthetic %dD studies (%s) to %s", n, dims, fmt, out)
     return manifest

@@ -246,13 +246,16 @@ def _names(value: Any, key: str, side: Path) -> dict[int, str]:
 # --- writing -----------------------------------------------------------------------------------
 
 
-def write_manifest(path: Path, rows: Iterable[ManifestRow], *, sidecar: dict[str, Any] | None = None) -> Path:
+def write_manifest(
+    path: Path, rows: Iterable[ManifestRow], *, sidecar: dict[str, Any] | None = None, sort: bool = True
+) -> Path:
     """Write a manifest CSV (and, if given, its sidecar JSON) atomically.
 
-    Absolute paths are written relative to the manifest's folder with forward slashes (absolute where
-    no relative path exists, e.g. another drive); relative ones are written as given, so they are taken
-    as relative to the manifest's folder. Rows are sorted by split (train, val, test, others) then
-    study_id, so the output does not depend on the input order. Extra columns follow the required
+    Paths are written relative to the manifest's folder with forward slashes (absolute where no relative
+    path exists, e.g. another drive); a relative path in a row is taken as relative to the working
+    directory, as Python takes it. Extra columns are written as given (text). Rows are sorted by split
+    (train, val, test, others) then study_id, so the output does not depend on the input order
+    (``sort=False`` keeps the given order). Extra columns follow the required
     ones, in first-seen order. The sidecar is left untouched when ``sidecar`` is ``None``.
 
     Returns:
@@ -260,7 +263,7 @@ def write_manifest(path: Path, rows: Iterable[ManifestRow], *, sidecar: dict[str
     """
     path = Path(path)
     base = path.parent.resolve()
-    ordered = sorted(rows, key=lambda r: (_split_rank(r.split), r.study_id, str(r.image)))
+    ordered = sorted(rows, key=lambda r: (_split_rank(r.split), r.study_id, str(r.image))) if sort else list(rows)
     extra_cols: list[str] = []
     for r in ordered:
         extra_cols.extend(k for k in r.extra if k not in extra_cols and k not in REQUIRED_COLUMNS)

@@ -19,9 +19,7 @@ from medhybrid.io.study import LPS_TO_RAS, QCReport, Study, Verdict, study_key
 logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 PNG_SUFFIXES = (".png",)
-IMAGE_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES + PNG_SUFFIXES
 
 
 def image_format(path: Path) -> str | None:

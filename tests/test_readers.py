@@ -141,3 +141,12 @@ def test_png_modes_keep_stored_values(tmp_path: Path) -> None:
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
     study = read_image(tmp_path / "rgb.png")
     assert study.shape == (3, 2, 1, 3) and study.array[2, 1, 0].tolist() == [10, 20, 30]
+
+
+def test_4d_mha_keeps_spatial_affine(tmp_path: Path) -> None:
+    img = sitk.JoinSeries([sitk.GetImageFromArray(_volume().transpose(2, 1, 0))] * 2)  # 4D: (x, y, z, t)
+    img.SetSpacing((0.5, 0.75, 2.0, 1.0))
+    img.SetOrigin((10.0, -20.0, 30.0, 0.0))
+    sitk.WriteImage(img, str(tmp_path / "v4.mha"))
+    expected = LPS_TO_RAS @ np.array([[0.5, 0, 0, 10.0], [0, 0.75, 0, -20.0], [0, 0, 2.0, 30.0], [0, 0, 0, 1]])
+    assert np.allclose(read_geometry(tmp_path / "v4.mha")[1], expected)

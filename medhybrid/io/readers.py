@@ -149,11 +149,19 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if dim == 2:
         array = array[np.newaxis]
     spatial = np.moveaxis(array, (0, 1, 2), (2, 1, 0))
+    return spatial, _ras_affine(img.GetDirection(), img.GetSpacing(), img.GetOrigin(), dim)
+
+
+def _ras_affine(
+    direction: tuple[float, ...], spacing: tuple[float, ...], origin: tuple[float, ...], dim: int
+) -> np.ndarray:
+    """RAS voxel-to-world affine from an ITK image's (LPS) direction, spacing and origin; a 4th (time)
+    axis is dropped, a 2D image gets a unit third axis."""
+    n = min(dim, 3)
     affine = np.eye(4)
-    direction = np.array(img.GetDirection()).reshape(dim, dim)
-    affine[:dim, :dim] = direction * np.array(img.GetSpacing())
-    affine[:dim, 3] = img.GetOrigin()
-    return spatial, LPS_TO_RAS @ affine
+    affine[:n, :n] = np.array(direction).reshape(dim, dim)[:n, :n] * np.array(spacing)[:n]
+    affine[:n, 3] = np.array(origin)[:n]
+    return LPS_TO_RAS @ affine
 
 
 def read_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
@@ -185,10 +193,8 @@ def read_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
             reader.ReadImageInformation()
             dim = reader.GetDimension()
             size = tuple(int(s) for s in reader.GetSize()[:3])
-            affine = np.eye(4)
-            affine[:dim, :dim] = np.array(reader.GetDirection()).reshape(dim, dim) * np.array(reader.GetSpacing())
-            affine[:dim, 3] = reader.GetOrigin()
-            return size + (1,) * (3 - len(size)), LPS_TO_RAS @ affine
+            affine = _ras_affine(reader.GetDirection(), reader.GetSpacing(), reader.GetOrigin(), dim)
+            return size + (1,) * (3 - len(size)), affine
     except Exception as exc:
         raise ImageReadError(f"header cannot be read ({exc})", path=path, fix="check the file") from None
     raise UnsupportedFormatError("unknown image format", path=path, fix="use .nii/.nii.gz, .nrrd, .mha or .png")

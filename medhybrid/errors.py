@@ -201,3 +201,30 @@ class ConfigError(MedHybridError):
     """A configuration (pipeline YAML, --set override, option) is invalid."""
 
     code = "config"
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+class ModelError(MedHybridError):
+    """A model cannot be built, registered or run as asked."""
+
+    code = "model"
+
+
+class UnknownModelError(ModelError):
+    """No registered model has this name (the message lists the close matches)."""
+
+    code = "unknown_model"
+
+
+class DuplicateModelError(ModelError):
+    """Two factories were registered under one name."""
+
+    code = "duplicate_model"
+
+
+class ModelInputError(ModelError):
+    """An input tensor does not fit the model (channels, spatial dims, size)."""
+
+    code = "model_input"

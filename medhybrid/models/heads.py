@@ -1,0 +1,114 @@
+"""Heads: study-level classification from the CLS token, and a TransUNet-style segmentation decoder."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from torch import nn
+
+from medhybrid.errors import ModelError
+
+_UPSAMPLE = {2: "bilinear", 3: "trilinear"}
+
+
+class ClassificationHead(nn.Module):
+    """Logits ``(B, num_classes)`` from the CLS token ``(B, width)``, optionally concatenated with the
+    global-average-pooled deepest CNN map ``(B, pooled_channels)``."""
+
+    def __init__(self, width: int, num_classes: int, pooled_channels: int = 0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.pooled_channels = pooled_channels
+        self.norm_pooled = nn.LayerNorm(pooled_channels) if pooled_channels else None
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(width + pooled_channels, num_classes)
+        nn.init.zeros_(self.fc.bias)
+        nn.init.trunc_normal_(self.fc.weight, std=0.02)
+
+    def forward(self, cls: torch.Tensor, fmap: torch.Tensor | None = None) -> torch.Tensor:
+        if self.norm_pooled is not None:
+            if fmap is None:
+                raise ModelError("this classification head fuses pooled CNN features: pass the feature map")
+            cls = torch.cat([cls, self.norm_pooled(fmap.flatten(2).mean(-1))], dim=1)
+        return self.fc(self.drop(cls))
+
+
+def _conv(dims: int, cin: int, cout: int, norm: str, kernel: int = 3) -> Convolution:
+    return Convolution(dims, cin, cout, kernel_size=kernel, act="relu", norm=norm, bias=False)
+
+
+class DecoderBlock(nn.Module):
+    """Upsample to the skip's size, concatenate the skip, then ``convs`` conv-norm-ReLU layers."""
+
+    def __init__(self, dims: int, cin: int, skip: int, cout: int, norm: str, convs: int = 2) -> None:
+        super().__init__()
+        self.dims = dims
+        layers = [_conv(dims, cin + skip, cout, norm)] + [_conv(dims, cout, cout, norm) for _ in range(convs - 1)]
+        self.convs = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None, size: Sequence[int]) -> torch.Tensor:
+        # Resize to the exact size of the finer map (not a fixed factor): odd input sizes stay aligned.
+        x = F.interpolate(x, size=tuple(size), mode=_UPSAMPLE[self.dims], align_corners=False)
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        return self.convs(x)
+
+
+class SegmentationDecoder(nn.Module):
+    """TransUNet decoder: tokens reshaped to a map, then upsampled through the encoder's skips.
+
+    Args:
+        dims: 2 or 3.
+        width: token width.
+        skip_channels: channels of the skips, deep to shallow (e.g. stage2, stage1, stem).
+        channels: decoder channels; ``channels[0]`` is the map the tokens are projected to and
+            ``channels[i + 1]`` the output of the block that merges ``skip_channels[i]``.
+        seg_classes: output channels.
+        norm: MONAI norm name.
+        convs_per_block: conv layers per decoder block (TransUNet uses 2).
+
+    Shapes: ``tokens (B, N, width)`` on ``grid``, skips ``(B, C_i, *size_i)`` -> ``(B, seg_classes, *out_size)``.
+    The last block runs at the shallowest skip's resolution; the logits are interpolated to
+    ``out_size`` (the input's size), which keeps full-resolution convolutions (the costliest part of a
+    3D decoder) out of the network.
+
+    Raises:
+        ModelError: ``channels`` does not have one entry more than ``skip_channels``.
+    """
+
+    def __init__(
+        self,
+        dims: int,
+        width: int,
+        skip_channels: Sequence[int],
+        channels: Sequence[int],
+        seg_classes: int,
+        norm: str = "batch",
+        convs_per_block: int = 2,
+    ) -> None:
+        super().__init__()
+        if len(channels) != len(skip_channels) + 1:
+            raise ModelError(
+                f"decoder needs {len(skip_channels) + 1} channel entries for {len(skip_channels)} skips, got {tuple(channels)}"
+            )
+        self.dims = dims
+        self.bridge = _conv(dims, width, channels[0], norm)
+        self.blocks = nn.ModuleList(
+            DecoderBlock(dims, channels[i], skip_channels[i], channels[i + 1], norm, convs_per_block)
+            for i in range(len(skip_channels))
+        )
+        self.head = Convolution(dims, channels[-1], seg_classes, kernel_size=1, conv_only=True)
+
+    def forward(
+        self, tokens: torch.Tensor, grid: Sequence[int], skips: Sequence[torch.Tensor], out_size: Sequence[int]
+    ) -> torch.Tensor:
+        x = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
+        x = self.bridge(x)
+        for block, skip in zip(self.blocks, skips, strict=True):
+            x = block(x, skip, skip.shape[2:])
+        x = self.head(x)
+        if tuple(x.shape[2:]) != tuple(out_size):
+            x = F.interpolate(x, size=tuple(out_size), mode=_UPSAMPLE[self.dims], align_corners=False)
+        return x

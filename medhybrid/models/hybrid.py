@@ -1,0 +1,266 @@
+"""The hybrid: ResNet feature pyramid -> Transformer context on the deepest map -> class and mask heads.
+
+::
+
+    x ──ResNet stem──► s0 ──stage1──► s1 ──stage2──► s2 ──stage3──► s3 (B, C, *grid)
+                        │              │              │               │ flatten + linear + pos + [CLS]
+                        │              │              │               ▼
+                        │              │              │      Transformer x depth ──► CLS ──(+ pooled s3)──► logits
+                        │              │              │               │ tokens
+                        │              │              │               ▼ reshape to grid, conv
+                        │              │              └── concat ◄── up   (decoder block 1)
+                        │              └───────────────── concat ◄── up   (decoder block 2)
+                        └──────────────────────────────── concat ◄── up   (decoder block 3) ──1x1──► up ──► seg_logits
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from medhybrid.errors import ModelError
+from medhybrid.models.base import MedModel, as_tuple, build_config
+from medhybrid.models.context import ContextConfig, TransformerContext
+from medhybrid.models.encoders import ResNetConfig, ResNetEncoder, Stride
+from medhybrid.models.heads import ClassificationHead, SegmentationDecoder
+from medhybrid.models.registry import register_model
+
+SEG_AND_CLS = ("classification", "segmentation")
+
+
+@dataclass(frozen=True)
+class HybridConfig:
+    """Every option of a hybrid, flat so that a pipeline YAML can override any one of them.
+
+    Encoder options are those of :class:`~medhybrid.models.encoders.ResNetConfig`; ``context_*``
+    those of :class:`~medhybrid.models.context.ContextConfig`.
+
+    Attributes:
+        token_stage: the encoder stage (1-4) whose map becomes tokens; later stages are not built.
+        img_size: the input size the positional embeddings are stored for (other sizes are resized).
+        num_classes: classification outputs (0: no classification head).
+        seg_classes: segmentation channels (0: no decoder).
+        fuse_pooled: concatenate the pooled token-stage CNN map to the CLS token before the classifier.
+        decoder_channels: ``token_stage + 1`` entries (see :class:`SegmentationDecoder`).
+    """
+
+    spatial_dims: int = 3
+    in_channels: int = 1
+    num_classes: int = 2
+    seg_classes: int = 2
+    img_size: int | tuple[int, ...] = 64
+    # encoder
+    depth: int = 18
+    widths: tuple[int, ...] = (64, 128, 256, 512)
+    stem: Literal["standard", "small"] = "standard"
+    stem_channels: int = 64
+    stem_stride: Stride = 2
+    pool_stride: Stride = 2
+    stage_strides: tuple[Stride, ...] = (1, 2, 2, 2)
+    norm: str = "batch"
+    token_stage: int = 3
+    # context
+    context_width: int = 384
+    context_depth: int = 6
+    context_heads: int = 6
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    drop_path: float = 0.0
+    # heads
+    fuse_pooled: bool = True
+    head_dropout: float = 0.0
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 16)
+    decoder_convs: int = 2
+
+    def encoder_config(self) -> ResNetConfig:
+        return ResNetConfig(
+            depth=self.depth,
+            spatial_dims=self.spatial_dims,
+            in_channels=self.in_channels,
+            widths=tuple(self.widths),
+            num_stages=self.token_stage,
+            stem=self.stem,
+            stem_channels=self.stem_channels,
+            stem_stride=self.stem_stride,
+            pool_stride=self.pool_stride,
+            stage_strides=tuple(self.stage_strides),
+            norm=self.norm,
+        )
+
+    def context_config(self, reduction: Sequence[int]) -> ContextConfig:
+        size = as_tuple(self.img_size, self.spatial_dims)
+        return ContextConfig(
+            width=self.context_width,
+            depth=self.context_depth,
+            heads=self.context_heads,
+            mlp_ratio=self.mlp_ratio,
+            dropout=self.dropout,
+            attn_dropout=self.attn_dropout,
+            drop_path=self.drop_path,
+            pos_grid=tuple(math.ceil(s / r) for s, r in zip(size, reduction, strict=True)),
+        )
+
+
+class HybridModel(MedModel):
+    """ResNet encoder + Transformer context + classification head and/or segmentation decoder.
+
+    Shapes: ``(B, in_channels, *spatial)`` -> ``{"logits": (B, num_classes), "seg_logits":
+    (B, seg_classes, *spatial)}``; any spatial size (odd ones included) works.
+
+    Raises:
+        ModelError: an invalid configuration.
+    """
+
+    def __init__(self, cfg: HybridConfig) -> None:
+        super().__init__(
+            spatial_dims=cfg.spatial_dims,
+            in_channels=cfg.in_channels,
+            num_classes=cfg.num_classes,
+            seg_classes=cfg.seg_classes,
+        )
+        if not 1 <= cfg.token_stage <= 4:
+            raise ModelError(f"token_stage must be 1..4, got {cfg.token_stage}")
+        self.cfg = cfg
+        self.encoder = ResNetEncoder(cfg.encoder_config())
+        token_channels = self.encoder.out_channels[-1]
+        self.context = TransformerContext(
+            token_channels, cfg.spatial_dims, cfg.context_config(self.encoder.reductions[-1])
+        )
+        self.cls_head = (
+            ClassificationHead(cfg.context_width, cfg.num_classes, token_channels if cfg.fuse_pooled else 0, cfg.head_dropout)
+            if cfg.num_classes
+            else None
+        )
+        self.decoder = (
+            SegmentationDecoder(
+                cfg.spatial_dims,
+                cfg.context_width,
+                skip_channels=self.encoder.out_channels[-2::-1],
+                channels=cfg.decoder_channels,
+                seg_classes=cfg.seg_classes,
+                norm=cfg.norm,
+                convs_per_block=cfg.decoder_convs,
+            )
+            if cfg.seg_classes
+            else None
+        )
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder maps ``[stem, stage1, ..., stage{token_stage}]``."""
+        self.check_input(x)
+        return self.encoder(x)  # type: ignore[no-any-return]
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.forward_features(x)
+        fmap = feats[-1]
+        cls, tokens, _ = self.context(fmap)
+        out: dict[str, torch.Tensor] = {}
+        if self.cls_head is not None:
+            out["logits"] = self.cls_head(cls, fmap)
+        if self.decoder is not None:
+            out["seg_logits"] = self.decoder(tokens, fmap.shape[2:], feats[-2::-1], x.shape[2:])
+        return out
+
+    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Attention weights of every block, ``(B, heads, N + 1, N + 1)`` with the CLS token first,
+        for a token grid of ``forward_features(x)[-1].shape[2:]``."""
+        fmap = self.forward_features(x)[-1]
+        _, _, maps = self.context(fmap, return_attention=True)
+        assert maps is not None  # return_attention=True always returns the list
+        return maps
+
+
+def _hybrid(defaults: dict[str, Any], overrides: dict[str, Any]) -> HybridModel:
+    return HybridModel(build_config(HybridConfig, defaults, overrides))
+
+
+# --- variants -------------------------------------------------------------------------------------
+# Defaults are chosen for this project's data: 64^3 CT/MR crops and 128^2 radiographs (or 28-px MedMNIST
+# with the small stem). Each factory takes keyword overrides of any HybridConfig field.
+
+# 3D: a 32-channel stem and a slim decoder keep the half-resolution work small (see docs/models.md, latency).
+_R18_3D = dict(spatial_dims=3, depth=18, img_size=64, stem_channels=32, decoder_channels=(128, 64, 32, 16))
+_R18_2D = dict(spatial_dims=2, depth=18, img_size=128, decoder_channels=(256, 128, 64, 32))
+_TINY = dict(
+    depth=10,
+    widths=(8, 16, 32, 64),
+    stem_channels=8,
+    context_width=32,
+    context_depth=2,
+    context_heads=2,
+    decoder_channels=(32, 16, 8, 8),
+)
+
+
+@register_model(family="hybrid", spatial_dims=3, tasks=SEG_AND_CLS)
+def hybrid_r18_3d(**overrides: Any) -> HybridModel:
+    """ResNet-18 (3 stages, 1/16) + 6-block Transformer (width 384) on 64^3 volumes; class + mask."""
+    return _hybrid(_R18_3D, overrides)
+
+
+@register_model(family="hybrid", spatial_dims=3, tasks=SEG_AND_CLS)
+def hybrid_r18_3d_aniso(**overrides: Any) -> HybridModel:
+    """ResNet-18 with in-plane-only early strides, for thick-slice volumes (slice axis last)."""
+    return _hybrid(
+        {**_R18_3D, "stem_stride": (2, 2, 1), "pool_stride": (2, 2, 1), "stage_strides": (1, (2, 2, 1), 2, 2),
+         "img_size": (64, 64, 32)},
+        overrides,
+    )
+
+
+@register_model(family="hybrid", spatial_dims=3, tasks=SEG_AND_CLS)
+def hybrid_r18_3d_small(**overrides: Any) -> HybridModel:
+    """ResNet-18 with the small stem (no early downsampling) for 28^3 MedMNIST3D volumes."""
+    return _hybrid(
+        {**_R18_3D, "stem": "small", "img_size": 28, "widths": (32, 64, 128, 256), "stem_channels": 32,
+         "context_width": 256, "context_heads": 4, "context_depth": 4, "decoder_channels": (128, 64, 32, 32)},
+        overrides,
+    )
+
+
+@register_model(family="hybrid", spatial_dims=3, tasks=SEG_AND_CLS)
+def hybrid_r34_3d(**overrides: Any) -> HybridModel:
+    """ResNet-34 (3 stages) + 8-block Transformer (width 512) on 64^3 volumes; class + mask."""
+    return _hybrid({**_R18_3D, "depth": 34, "context_width": 512, "context_depth": 8, "context_heads": 8}, overrides)
+
+
+@register_model(family="hybrid", spatial_dims=2, tasks=SEG_AND_CLS)
+def hybrid_r18_2d(**overrides: Any) -> HybridModel:
+    """ResNet-18 (3 stages) + 6-block Transformer (width 384) on 128^2 images; class + mask."""
+    return _hybrid(_R18_2D, overrides)
+
+
+@register_model(family="hybrid", spatial_dims=2, tasks=SEG_AND_CLS)
+def hybrid_r18_2d_small(**overrides: Any) -> HybridModel:
+    """ResNet-18 with the small stem for 28^2 MedMNIST images."""
+    return _hybrid(
+        {**_R18_2D, "stem": "small", "img_size": 28, "context_depth": 4, "decoder_channels": (256, 128, 64, 64)},
+        overrides,
+    )
+
+
+@register_model(family="hybrid", spatial_dims=2, tasks=SEG_AND_CLS)
+def hybrid_r50_2d(**overrides: Any) -> HybridModel:
+    """TransUNet-like: ResNet-50 (3 stages) + 12-block Transformer (width 768) on 224^2 images."""
+    return _hybrid(
+        {**_R18_2D, "depth": 50, "img_size": 224, "context_width": 768, "context_depth": 12, "context_heads": 12,
+         "decoder_channels": (512, 256, 128, 64)},
+        overrides,
+    )
+
+
+@register_model(family="hybrid", spatial_dims=3, tasks=SEG_AND_CLS, tiny=True)
+def hybrid_tiny_3d(**overrides: Any) -> HybridModel:
+    """Test-sized 3D hybrid (ResNet-10, widths 8-64, 2 blocks of width 32)."""
+    return _hybrid({**_R18_3D, **_TINY, "img_size": 32}, overrides)
+
+
+@register_model(family="hybrid", spatial_dims=2, tasks=SEG_AND_CLS, tiny=True)
+def hybrid_tiny_2d(**overrides: Any) -> HybridModel:
+    """Test-sized 2D hybrid (ResNet-10, widths 8-64, 2 blocks of width 32)."""
+    return _hybrid({**_R18_2D, **_TINY, "img_size": 32}, overrides)

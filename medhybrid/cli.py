@@ -25,7 +25,7 @@ from rich.progress import (
 from rich.table import Table
 
 from medhybrid import __version__
-from medhybrid.errors import MedHybridError
+from medhybrid.errors import ConfigError, MedHybridError
 
 logger = logging.getLogger("medhybrid")
 stderr = Console(stderr=True)
@@ -286,6 +286,78 @@ def data_import_msd(
 
     manifest = import_msd(dataset_dir, out, val_fraction=val_fraction, seed=seed)
     stdout.print(f"manifest: {manifest}")
+
+
+# --- models --------------------------------------------------------------------------------------
+
+DEFAULT_SIZES = {2: (1, 128, 128), 3: (1, 64, 64, 64)}
+
+
+def _parse_input_size(first: str | None, extra: list[str]) -> tuple[int, ...] | None:
+    """``--input-size 1 64 64 64`` (click hands us the first value, the rest arrive as extra args) or ``1,64,64,64``."""
+    if first is None:
+        if extra:
+            raise ConfigError(f"unexpected arguments: {' '.join(extra)}")
+        return None
+    parts = [p for token in [first, *extra] for p in token.replace("x", ",").split(",") if p]
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"--input-size takes integers, got {' '.join([first, *extra])}", fix="e.g. --input-size 1 64 64 64") from None
+    if len(size) not in (3, 4) or min(size) < 1:
+        raise ConfigError(f"--input-size must be C H W or C D H W, got {size}", fix="e.g. --input-size 1 64 64 64")
+    return size
+
+
+@app.command("models", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@domain_errors
+def models_cmd(
+    ctx: typer.Context,
+    input_size: Annotated[
+        str | None,
+        typer.Option("--input-size", help="C D H W (3D) or C H W (2D); GFLOPs are counted for this input. "
+                     "Default: 1x64x64x64 for 3D models, 1x128x128 for 2D."),
+    ] = None,
+    family: Annotated[str | None, typer.Option("--family", help="Only this family (hybrid, resnet, ...).")] = None,
+    task: Annotated[str | None, typer.Option("--task", help="Only models that do this task.")] = None,
+    tiny: Annotated[bool, typer.Option("--tiny/--no-tiny", help="Include the test-sized variants.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Every registered model: family, spatial dims, tasks, parameters and GFLOPs for an input size."""
+    from medhybrid.models import FAMILIES, TASKS, list_models
+    from medhybrid.models.profile import summarize
+    from medhybrid.runtime import configure_threads
+
+    if family is not None and family not in FAMILIES:
+        raise ConfigError(f"unknown family {family!r}", fix=f"use one of {', '.join(FAMILIES)}")
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}", fix=f"use one of {', '.join(TASKS)}")
+    configure_threads()
+    size = _parse_input_size(input_size, list(ctx.args))
+    dims = len(size) - 1 if size else None
+    names = list_models(family=family, task=task, spatial_dims=dims, include_tiny=tiny)
+    rows = []
+    with progress_bar("counting FLOPs", len(names)) as advance:
+        for name in names:
+            rows.append(summarize(name, size or DEFAULT_SIZES[get_dims(name)]))
+            advance(label=name)
+    if as_json:
+        stdout.print_json(json.dumps([r.to_dict() for r in rows]))
+        return
+    table = Table("model", "family", "dims", "tasks", "params (M)", "input", "GFLOPs")
+    table.columns[0].no_wrap = True
+    for r in rows:
+        table.add_row(
+            r.name, r.family, f"{r.spatial_dims}D", "+".join(t[:3] for t in r.tasks), f"{r.params_m:.2f}",
+            "x".join(map(str, r.input_size or ())), f"{r.gflops:.2f}" if r.gflops is not None else "-",
+        )
+    stdout.print(table, width=max(stdout.width, 100))
+
+
+def get_dims(name: str) -> int:
+    from medhybrid.models import get_entry
+
+    return get_entry(name).spatial_dims
 
 
 def main() -> None:

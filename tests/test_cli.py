@@ -15,7 +15,7 @@ from medhybrid.cli import app
 
 runner = CliRunner()
 COMMANDS = [[], ["data"], ["data", "scan"], ["data", "inspect"], ["data", "synth"], ["data", "validate"]]
-COMMANDS += [["data", "import-medmnist"], ["data", "import-msd"]]
+COMMANDS += [["data", "import-medmnist"], ["data", "import-msd"], ["models"]]
 
 
 def test_version() -> None:

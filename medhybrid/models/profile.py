@@ -1,0 +1,72 @@
+"""Model size and cost: parameters and FLOPs (torch's flop counter) for one input shape."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from medhybrid.errors import ModelInputError
+from medhybrid.models.base import count_parameters
+from medhybrid.models.registry import create_model, get_entry
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One registry row: what a model is and what one forward pass on ``input_size`` costs."""
+
+    name: str
+    family: str
+    spatial_dims: int
+    tasks: tuple[str, ...]
+    params_m: float
+    gflops: float | None
+    input_size: tuple[int, ...] | None
+    description: str
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def forward_gflops(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """GFLOPs of one eval-mode forward pass (a multiply-add counts 2; convolutions and matmuls only)."""
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / 1e9
+
+
+def summarize(name: str, input_size: Sequence[int] | None = None, batch: int = 1) -> ModelSummary:
+    """Build ``name`` and count its parameters, and its GFLOPs for ``(batch, *input_size)``.
+
+    ``input_size`` is ``(C, *spatial)``; it is skipped (gflops None) when its number of spatial axes
+    does not match the model's. Fixed-size models are built for that size.
+
+    Raises:
+        UnknownModelError: no such model.
+        ModelInputError: ``input_size`` is not ``(C, H, W)`` or ``(C, D, H, W)``.
+    """
+    entry = get_entry(name)
+    size = tuple(int(s) for s in input_size) if input_size else None
+    if size is not None and len(size) not in (3, 4):
+        raise ModelInputError(f"input size must be C H W or C D H W, got {size}")
+    fits = size is not None and len(size) - 1 == entry.spatial_dims
+    kwargs: dict[str, object] = {}
+    if fits and size is not None:
+        kwargs["in_channels"] = size[0]
+        if entry.fixed_size:
+            kwargs["img_size"] = size[1:]
+    model = create_model(name, **kwargs)
+    gflops = forward_gflops(model, torch.zeros(batch, *size)) if fits and size is not None else None
+    return ModelSummary(
+        name=name,
+        family=entry.family,
+        spatial_dims=entry.spatial_dims,
+        tasks=entry.tasks,
+        params_m=count_parameters(model) / 1e6,
+        gflops=gflops,
+        input_size=size if fits else None,
+        description=entry.description,
+    )

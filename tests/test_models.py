@@ -1,0 +1,284 @@
+"""The model family: registry, output contract on every registered model, hybrid internals, ONNX parity."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from medhybrid.cli import app
+from medhybrid.errors import DuplicateModelError, ModelError, ModelInputError, UnknownModelError
+from medhybrid.models import FAMILIES, TASKS, create_model, get_entry, list_models, register_model
+from medhybrid.models.baselines import nnunet_plan
+from medhybrid.models.context import ContextConfig, TransformerContext
+from medhybrid.models.encoders import ResNetConfig, ResNetEncoder
+from medhybrid.runtime import seed_everything
+
+TINY = list_models(include_tiny=True)
+TINY = [n for n in TINY if get_entry(n).tiny]
+FULL = [n for n in list_models(include_tiny=False)]
+
+
+def _input(name: str, size: int, batch: int = 2) -> torch.Tensor:
+    dims = get_entry(name).spatial_dims
+    return torch.randn(batch, 1, *(size,) * dims)
+
+
+def _build(name: str, size: int) -> torch.nn.Module:
+    # Fixed-size networks (ViT, UNETR) are built for the size they will see.
+    return create_model(name, img_size=size) if get_entry(name).fixed_size else create_model(name)
+
+
+def _check_outputs(model: torch.nn.Module, x: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+    assert set(out) <= {"logits", "seg_logits"} and out
+    entry = model.entry
+    assert entry is not None
+    assert ("logits" in out) == ("classification" in entry.tasks)
+    assert ("seg_logits" in out) == ("segmentation" in entry.tasks)
+    if "logits" in out:
+        assert out["logits"].shape == (x.shape[0], model.num_classes)
+    if "seg_logits" in out:
+        assert out["seg_logits"].shape == (x.shape[0], model.seg_classes, *x.shape[2:])
+    for value in out.values():
+        assert torch.isfinite(value).all()
+
+
+# --- registry -----------------------------------------------------------------------------------
+
+
+def test_registry_entries_are_complete() -> None:
+    assert len(FULL) >= 15 and len(TINY) >= 8
+    for name in list_models():
+        entry = get_entry(name)
+        assert entry.family in FAMILIES and set(entry.tasks) <= set(TASKS) and entry.description
+    families = {get_entry(n).family for n in FULL}
+    assert families == set(FAMILIES)
+    for dims in (2, 3):
+        assert list_models(family="hybrid", spatial_dims=dims, include_tiny=False)
+
+
+def test_duplicate_name_is_an_error() -> None:
+    with pytest.raises(DuplicateModelError, match="hybrid_r18_3d"):
+
+        @register_model(family="hybrid", spatial_dims=3, tasks=("classification",))
+        def hybrid_r18_3d() -> None:  # same name as the real factory
+            raise AssertionError("never built")
+
+
+def test_unknown_name_lists_close_matches() -> None:
+    with pytest.raises(UnknownModelError) as info:
+        create_model("hybrid_r18_3")
+    assert "hybrid_r18_3d" in str(info.value)
+
+
+def test_unknown_option_names_the_valid_ones() -> None:
+    with pytest.raises(ModelError, match="context_depht.*valid options.*context_depth"):
+        create_model("hybrid_tiny_3d", context_depht=3)
+
+
+def test_filters() -> None:
+    assert all(get_entry(n).family == "unetr" for n in list_models(family="unetr"))
+    assert all("segmentation" in get_entry(n).tasks for n in list_models(task="segmentation"))
+    assert set(list_models(spatial_dims=2)).isdisjoint(list_models(spatial_dims=3))
+
+
+# --- every registered model ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [28, 33, 64])
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_models_forward_backward(name: str, size: int) -> None:
+    seed_everything(0)
+    model = _build(name, size).train()
+    x = _input(name, size)
+    out = model(x)
+    _check_outputs(model, x, out)
+    sum(v.float().square().mean() for v in out.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"parameters without gradient: {missing[:5]}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    dead = [n for n, p in model.named_parameters() if p.grad is not None and not p.grad.abs().sum()]
+    assert len(dead) <= 0.05 * sum(1 for _ in model.parameters()), f"zero gradients: {dead[:5]}"
+
+
+@pytest.mark.parametrize("name", FULL)
+def test_full_models_forward_at_odd_size(name: str) -> None:
+    model = _build(name, 33).eval()
+    x = _input(name, 33, batch=1)
+    with torch.no_grad():
+        _check_outputs(model, x, model(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FULL)
+def test_full_models_backward(name: str) -> None:
+    model = _build(name, 33).train()
+    x = _input(name, 33, batch=2)
+    out = model(x)
+    sum(v.float().square().mean() for v in out.values()).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", ["hybrid_tiny_3d", "vit_tiny_2d", "unetr_tiny_3d", "dynunet_tiny_3d"])
+def test_same_seed_same_output(name: str) -> None:
+    x = _input(name, 32)
+    outs = []
+    for seed in (7, 7, 8):
+        seed_everything(seed)
+        model = _build(name, 32).eval()
+        with torch.no_grad():
+            outs.append(model(x))
+    for key in outs[0]:
+        assert torch.equal(outs[0][key], outs[1][key])
+        assert not torch.equal(outs[0][key], outs[2][key])
+
+
+@pytest.mark.parametrize("name", ["hybrid_tiny_2d", "resnet_tiny_3d", "vit_tiny_3d", "swinunetr_tiny_3d"])
+def test_forward_features_returns_the_encoder(name: str) -> None:
+    model = _build(name, 32).eval()
+    with torch.no_grad():
+        feats = model.forward_features(_input(name, 32, batch=1))
+    assert isinstance(feats, list) and len(feats) >= 2
+    assert all(f.shape[0] == 1 for f in feats)
+
+
+def test_bad_inputs_raise_typed_errors() -> None:
+    model = create_model("hybrid_tiny_3d")
+    with pytest.raises(ModelInputError, match="input channel"):
+        model(torch.randn(1, 2, 16, 16, 16))
+    with pytest.raises(ModelInputError, match="5-D"):
+        model(torch.randn(1, 1, 16, 16))
+    vit = create_model("vit_tiny_3d", img_size=32)
+    with pytest.raises(ModelInputError, match="built for spatial size"):
+        vit(torch.randn(1, 1, 48, 48, 48))
+
+
+def test_task_selection() -> None:
+    cls_only = create_model("hybrid_tiny_2d", seg_classes=0)
+    assert cls_only.decoder is None and set(cls_only(torch.randn(1, 1, 32, 32))) == {"logits"}
+    seg_only = create_model("hybrid_tiny_2d", num_classes=0, seg_classes=4)
+    out = seg_only(torch.randn(1, 1, 32, 32))
+    assert set(out) == {"seg_logits"} and out["seg_logits"].shape[1] == 4
+    with pytest.raises(ModelError, match="num_classes > 0 or seg_classes > 0"):
+        create_model("hybrid_tiny_2d", num_classes=0, seg_classes=0)
+    unfused = create_model("hybrid_tiny_2d", fuse_pooled=False)
+    assert unfused.cls_head.fc.in_features == unfused.cfg.context_width
+
+
+# --- encoder, context head ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("depth", "blocks", "last"), [(10, 4, 512), (18, 8, 512), (34, 16, 512), (50, 16, 2048)])
+def test_resnet_depths(depth: int, blocks: int, last: int) -> None:
+    enc = ResNetEncoder(ResNetConfig(depth=depth, spatial_dims=2))
+    assert sum(len(s) for s in enc.stages) == blocks and enc.out_channels[-1] == last
+    feats = enc(torch.randn(1, 1, 64, 64))
+    assert [f.shape[-1] for f in feats] == [32, 16, 8, 4, 2]
+
+
+def test_anisotropic_strides_keep_the_slice_axis() -> None:
+    model = create_model("hybrid_r18_3d_aniso", context_depth=1)
+    assert model.encoder.reductions == [(2, 2, 1), (4, 4, 1), (8, 8, 1), (16, 16, 2)]
+    feats = model.forward_features(torch.randn(1, 1, 64, 64, 16))
+    assert feats[-1].shape[2:] == (4, 4, 8)
+    assert model.encoder.stem[0].kernel_size == (7, 7, 3)
+
+
+def test_small_stem_keeps_28px_resolution() -> None:
+    model = create_model("hybrid_r18_2d_small", context_depth=1)
+    feats = model.forward_features(torch.randn(1, 1, 28, 28))
+    assert [f.shape[-1] for f in feats] == [28, 28, 14, 7]
+
+
+def test_sdpa_and_explicit_attention_agree() -> None:
+    seed_everything(0)
+    ctx = TransformerContext(16, 3, ContextConfig(width=32, depth=3, heads=4, pos_grid=(2, 2, 2))).eval()
+    fmap = torch.randn(2, 16, 3, 2, 5)  # a grid the embeddings were not stored for
+    cls_a, tok_a, none = ctx(fmap)
+    cls_b, tok_b, maps = ctx(fmap, return_attention=True)
+    assert none is None and maps is not None and len(maps) == 3
+    torch.testing.assert_close(cls_a, cls_b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tok_a, tok_b, atol=1e-5, rtol=1e-5)
+    assert maps[0].shape == (2, 4, 31, 31)
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, 4, 31))
+
+
+def test_position_embedding_resizes_but_keeps_the_stored_grid() -> None:
+    ctx = TransformerContext(8, 2, ContextConfig(width=16, depth=1, heads=2, pos_grid=(4, 4)))
+    stored = ctx.position_embedding((4, 4))
+    assert torch.equal(stored, ctx.pos_embed.flatten(2).transpose(1, 2))
+    assert ctx.position_embedding((7, 3)).shape == (1, 21, 16)
+
+
+def test_hybrid_attention_maps() -> None:
+    model = create_model("hybrid_tiny_3d").eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    maps = model.attention_maps(x)
+    grid = model.forward_features(x)[-1].shape[2:]
+    n = math.prod(grid) + 1
+    assert len(maps) == model.cfg.context_depth and maps[-1].shape == (1, model.cfg.context_heads, n, n)
+
+
+def test_invalid_configs_raise() -> None:
+    with pytest.raises(ModelError, match="depth must be one of"):
+        create_model("hybrid_tiny_3d", depth=101)
+    with pytest.raises(ModelError, match="not divisible by heads"):
+        create_model("hybrid_tiny_3d", context_heads=5)
+    with pytest.raises(ModelError, match="decoder needs 4 channel entries"):
+        create_model("hybrid_tiny_3d", decoder_channels=(8, 8))
+
+
+# --- nnU-Net planning ---------------------------------------------------------------------------
+
+
+def test_nnunet_plan_isotropic() -> None:
+    kernels, strides = nnunet_plan((64, 64, 64), (1.0, 1.0, 1.0))
+    assert strides == [[1, 1, 1]] + [[2, 2, 2]] * 4
+    assert all(k == [3, 3, 3] for k in kernels)
+
+
+def test_nnunet_plan_thick_slices_pool_in_plane_first() -> None:
+    kernels, strides = nnunet_plan((128, 128, 32), (0.75, 0.75, 2.5))
+    assert strides[1] == [2, 2, 1] and kernels[0] == [3, 3, 1]
+    assert kernels[-1] == [3, 3, 3]  # once in-plane spacing has caught up, kernels go 3-wide
+    z = math.prod(s[2] for s in strides)
+    assert 32 / z >= 4  # never below the minimum feature-map size
+
+
+# --- ONNX ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "size"), [("hybrid_tiny_2d", 33), ("hybrid_tiny_3d", 33), ("hybrid_r18_2d", 128),
+                                            ("hybrid_r18_3d", 64)])
+def test_onnx_parity(name: str, size: int, tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    from medhybrid.models.export import export_onnx, onnx_parity
+
+    seed_everything(0)
+    model = create_model(name).eval()
+    x = _input(name, size, batch=1)
+    path = export_onnx(model, x, tmp_path / f"{name}.onnx")
+    assert list(tmp_path.iterdir()) == [path]  # no temp file or external data left behind
+    for batch in (1, 3):
+        diffs = onnx_parity(model, path, _input(name, size, batch=batch))
+        assert set(diffs) == {"logits", "seg_logits"}
+        assert max(diffs.values()) < 1e-4, diffs
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def test_models_cli_json() -> None:
+    result = CliRunner().invoke(app, ["models", "--family", "hybrid", "--input-size", "1", "33", "33", "33", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert {r["name"] for r in rows} == set(list_models(family="hybrid", spatial_dims=3))
+    assert all(r["gflops"] > 0 and r["params_m"] > 0 and r["input_size"] == [1, 33, 33, 33] for r in rows)
+
+
+def test_models_cli_rejects_bad_size() -> None:
+    result = CliRunner().invoke(app, ["models", "--input-size", "1", "2"])
+    assert result.exit_code == 1 and "C H W or C D H W" in result.output

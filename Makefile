@@ -35,6 +35,7 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/models.py --json
 
 # Manifests for ../shared/data (MedMNIST samples are written out as files, so they are generated, not shipped).
 manifests: install

@@ -303,7 +303,9 @@ def _parse_input_size(first: str | None, extra: list[str]) -> tuple[int, ...] | 
     try:
         size = tuple(int(p) for p in parts)
     except ValueError:
-        raise ConfigError(f"--input-size takes integers, got {' '.join([first, *extra])}", fix="e.g. --input-size 1 64 64 64") from None
+        raise ConfigError(
+            f"--input-size takes integers, got {' '.join([first, *extra])}", fix="e.g. --input-size 1 64 64 64"
+        ) from None
     if len(size) not in (3, 4) or min(size) < 1:
         raise ConfigError(f"--input-size must be C H W or C D H W, got {size}", fix="e.g. --input-size 1 64 64 64")
     return size
@@ -315,8 +317,11 @@ def models_cmd(
     ctx: typer.Context,
     input_size: Annotated[
         str | None,
-        typer.Option("--input-size", help="C D H W (3D) or C H W (2D); GFLOPs are counted for this input. "
-                     "Default: 1x64x64x64 for 3D models, 1x128x128 for 2D."),
+        typer.Option(
+            "--input-size",
+            help="C D H W (3D) or C H W (2D); GFLOPs are counted for this input. "
+            "Default: 1x64x64x64 for 3D models, 1x128x128 for 2D.",
+        ),
     ] = None,
     family: Annotated[str | None, typer.Option("--family", help="Only this family (hybrid, resnet, ...).")] = None,
     task: Annotated[str | None, typer.Option("--task", help="Only models that do this task.")] = None,
@@ -348,8 +353,13 @@ def models_cmd(
     table.columns[0].no_wrap = True
     for r in rows:
         table.add_row(
-            r.name, r.family, f"{r.spatial_dims}D", "+".join(t[:3] for t in r.tasks), f"{r.params_m:.2f}",
-            "x".join(map(str, r.input_size or ())), f"{r.gflops:.2f}" if r.gflops is not None else "-",
+            r.name,
+            r.family,
+            f"{r.spatial_dims}D",
+            "+".join(t[:3] for t in r.tasks),
+            f"{r.params_m:.2f}",
+            "x".join(map(str, r.input_size or ())),
+            f"{r.gflops:.2f}" if r.gflops is not None else "-",
         )
     stdout.print(table, width=max(stdout.width, 100))
 

@@ -251,8 +251,9 @@ def test_nnunet_plan_thick_slices_pool_in_plane_first() -> None:
 # --- ONNX ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "size"), [("hybrid_tiny_2d", 33), ("hybrid_tiny_3d", 33), ("hybrid_r18_2d", 128),
-                                            ("hybrid_r18_3d", 64)])
+@pytest.mark.parametrize(
+    ("name", "size"), [("hybrid_tiny_2d", 33), ("hybrid_tiny_3d", 33), ("hybrid_r18_2d", 128), ("hybrid_r18_3d", 64)]
+)
 def test_onnx_parity(name: str, size: int, tmp_path) -> None:
     pytest.importorskip("onnxruntime")
     from medhybrid.models.export import export_onnx, onnx_parity
@@ -282,3 +283,28 @@ def test_models_cli_json() -> None:
 def test_models_cli_rejects_bad_size() -> None:
     result = CliRunner().invoke(app, ["models", "--input-size", "1", "2"])
     assert result.exit_code == 1 and "C H W or C D H W" in result.output
+
+
+# --- runtime helpers used for inference ---------------------------------------------------------
+
+
+def test_autocast_is_a_no_op_on_cpu() -> None:
+    from medhybrid.runtime import autocast
+
+    with autocast("cpu"):
+        y = torch.randn(4, 4) @ torch.randn(4, 4)
+    assert y.dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager() -> None:
+    from medhybrid.runtime import compile_for_inference
+
+    seed_everything(0)
+    model = create_model("hybrid_tiny_3d").eval()
+    x = torch.randn(1, 1, 33, 33, 33)
+    with torch.no_grad():
+        ref = model(x)
+        out = compile_for_inference(model)(x)
+    for key in ref:
+        torch.testing.assert_close(out[key], ref[key], atol=1e-4, rtol=1e-4)

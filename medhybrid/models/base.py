@@ -80,9 +80,9 @@ class MedModel(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         """Raise :class:`ModelInputError` unless ``x`` is ``(B, in_channels, *spatial)`` of the right size."""
         if x.dim() != self.spatial_dims + 2:
+            axes = "D, H, W" if self.spatial_dims == 3 else "H, W"
             raise ModelInputError(
-                f"expected a {self.spatial_dims + 2}-D tensor (B, C, {'D, H, W' if self.spatial_dims == 3 else 'H, W'}), "
-                f"got shape {tuple(x.shape)}",
+                f"expected a {self.spatial_dims + 2}-D tensor (B, C, {axes}), got shape {tuple(x.shape)}",
                 fix="add the batch and channel axes, or pick a model with the other spatial_dims",
             )
         if x.shape[1] != self.in_channels:
@@ -90,7 +90,10 @@ class MedModel(nn.Module):
                 f"model expects {self.in_channels} input channel(s), got {x.shape[1]}",
                 fix="build the model with in_channels matching the data",
             )
-        if self.fixed_size is not None and tuple(padded_size(x.shape[2:], self.size_divisor, self.min_size)) != self.fixed_size:
+        if (
+            self.fixed_size is not None
+            and tuple(padded_size(x.shape[2:], self.size_divisor, self.min_size)) != self.fixed_size
+        ):
             raise ModelInputError(
                 f"model was built for spatial size {self.fixed_size}, got {tuple(x.shape[2:])}",
                 fix="build it with img_size equal to the input size, or use sliding-window inference",

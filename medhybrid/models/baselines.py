@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from monai.networks.nets import UNETR, ViT, BasicUNet, DynUNet, SwinUNETR
+from monai.networks.nets import UNETR, BasicUNet, DynUNet, SwinUNETR, ViT
 from torch import nn
 
 from medhybrid.errors import ModelError
@@ -36,14 +36,16 @@ class ResNetClassifier(MedModel):
     """ResNet encoder -> global average pool -> dropout -> linear. ``(B, C, *spatial) -> {"logits": (B, K)}``."""
 
     def __init__(self, cfg: ResNetConfig, num_classes: int = 2, dropout: float = 0.0) -> None:
-        super().__init__(spatial_dims=cfg.spatial_dims, in_channels=cfg.in_channels, num_classes=num_classes, seg_classes=0)
+        super().__init__(
+            spatial_dims=cfg.spatial_dims, in_channels=cfg.in_channels, num_classes=num_classes, seg_classes=0
+        )
         self.encoder = ResNetEncoder(cfg)
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(self.encoder.out_channels[-1], num_classes)
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         self.check_input(x)
-        return self.encoder(x)  # type: ignore[no-any-return]
+        return self.encoder(x)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         fmap = self.forward_features(x)[-1]
@@ -156,10 +158,18 @@ class MonaiModel(MedModel):
         )
         self.kind = kind
         if kind == "vit":
-            self.net: nn.Module = ViT(cfg.in_channels, fixed, patch, classification=True, num_classes=cfg.num_classes,
-                                      spatial_dims=dims, post_activation=None, **opts)
+            self.net: nn.Module = ViT(
+                cfg.in_channels,
+                fixed,  # type: ignore[arg-type]  # set above for vit/unetr
+                patch,
+                classification=True,
+                num_classes=cfg.num_classes,
+                spatial_dims=dims,
+                post_activation=None,
+                **opts,
+            )
         elif kind == "unetr":
-            self.net = UNETR(cfg.in_channels, cfg.seg_classes, fixed, spatial_dims=dims, **opts)
+            self.net = UNETR(cfg.in_channels, cfg.seg_classes, fixed, spatial_dims=dims, **opts)  # type: ignore[arg-type]
         elif kind == "swinunetr":
             self.net = SwinUNETR(cfg.in_channels, cfg.seg_classes, spatial_dims=dims, **opts)
         elif kind == "dynunet":
@@ -295,8 +305,16 @@ def unetr_tiny_3d(**overrides: Any) -> MonaiModel:
     """Test-sized MONAI UNETR (width 32, feature size 4; UNETR's decoder needs patch 16)."""
     return _monai(
         "unetr",
-        {"spatial_dims": 3, "seg_classes": 2, "img_size": 32, "hidden_size": 32, "mlp_dim": 64, "num_heads": 2,
-         "feature_size": 4, "patch_size": 16},
+        {
+            "spatial_dims": 3,
+            "seg_classes": 2,
+            "img_size": 32,
+            "hidden_size": 32,
+            "mlp_dim": 64,
+            "num_heads": 2,
+            "feature_size": 4,
+            "patch_size": 16,
+        },
         overrides,
     )
 

@@ -92,7 +92,11 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.width)
         hidden = int(cfg.width * cfg.mlp_ratio)
         self.mlp = nn.Sequential(
-            nn.Linear(cfg.width, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, cfg.width), nn.Dropout(cfg.dropout)
+            nn.Linear(cfg.width, hidden),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(hidden, cfg.width),
+            nn.Dropout(cfg.dropout),
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -134,7 +138,7 @@ class TransformerContext(nn.Module):
 
     def position_embedding(self, grid: Sequence[int]) -> torch.Tensor:
         """Positional embeddings ``(1, prod(grid), width)`` resized from the stored grid."""
-        pos = self.pos_embed
+        pos: torch.Tensor = self.pos_embed
         if tuple(grid) != tuple(pos.shape[2:]):
             pos = F.interpolate(pos, size=tuple(grid), mode=_INTERP_MODE[self.spatial_dims], align_corners=False)
         return pos.flatten(2).transpose(1, 2)

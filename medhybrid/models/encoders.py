@@ -107,13 +107,23 @@ class ResNetEncoder(nn.Module):
         else:
             stem_stride, kernel, pool_stride = (1,) * dims, (3,) * dims, (1,) * dims
         self.stem = nn.Sequential(
-            conv(cfg.in_channels, cfg.stem_channels, kernel, stride=stem_stride, padding=tuple(k // 2 for k in kernel), bias=False),
+            conv(
+                cfg.in_channels,
+                cfg.stem_channels,
+                kernel,
+                stride=stem_stride,
+                padding=tuple(k // 2 for k in kernel),
+                bias=False,
+            ),
             get_norm_layer(name=cfg.norm, spatial_dims=dims, channels=cfg.stem_channels),
             get_act_layer(name=cfg.act),
         )
         self.pool: nn.Module = (
-            Pool[Pool.MAX, dims](kernel_size=tuple(3 if s > 1 else 1 for s in pool_stride), stride=pool_stride,
-                                 padding=tuple(1 if s > 1 else 0 for s in pool_stride))
+            Pool[Pool.MAX, dims](
+                kernel_size=tuple(3 if s > 1 else 1 for s in pool_stride),
+                stride=pool_stride,
+                padding=tuple(1 if s > 1 else 0 for s in pool_stride),
+            )
             if any(s > 1 for s in pool_stride)
             else nn.Identity()
         )
@@ -136,8 +146,15 @@ class ResNetEncoder(nn.Module):
                         get_norm_layer(name=cfg.norm, spatial_dims=dims, channels=planes * block_type.expansion),
                     )
                 layers.append(
-                    block_type(in_planes, planes, spatial_dims=dims, stride=s, downsample=downsample,  # type: ignore[arg-type]
-                               act=cfg.act, norm=cfg.norm)
+                    block_type(
+                        in_planes,
+                        planes,
+                        spatial_dims=dims,
+                        stride=s,  # type: ignore[arg-type]  # MONAI annotates int; the conv takes a tuple
+                        downsample=downsample,
+                        act=cfg.act,
+                        norm=cfg.norm,
+                    )
                 )
                 in_planes = planes * block_type.expansion
             stages.append(nn.Sequential(*layers))

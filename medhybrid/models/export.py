@@ -59,7 +59,9 @@ def export_onnx(model: MedModel, example: torch.Tensor, path: str | Path, *, dyn
             )
         os.replace(tmp, path)
     except Exception as exc:  # the exporter raises many types; report them as one domain error
-        raise ModelError(f"ONNX export failed: {exc}", path=path, fix="export in eval mode with a fixed input size") from exc
+        raise ModelError(
+            f"ONNX export failed: {exc}", path=path, fix="export in eval mode with a fixed input size"
+        ) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -91,7 +91,8 @@ class SegmentationDecoder(nn.Module):
         super().__init__()
         if len(channels) != len(skip_channels) + 1:
             raise ModelError(
-                f"decoder needs {len(skip_channels) + 1} channel entries for {len(skip_channels)} skips, got {tuple(channels)}"
+                f"decoder needs {len(skip_channels) + 1} channel entries for {len(skip_channels)} skips, "
+                f"got {tuple(channels)}"
             )
         self.dims = dims
         self.bridge = _conv(dims, width, channels[0], norm)

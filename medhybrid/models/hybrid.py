@@ -132,7 +132,9 @@ class HybridModel(MedModel):
             token_channels, cfg.spatial_dims, cfg.context_config(self.encoder.reductions[-1])
         )
         self.cls_head = (
-            ClassificationHead(cfg.context_width, cfg.num_classes, token_channels if cfg.fuse_pooled else 0, cfg.head_dropout)
+            ClassificationHead(
+                cfg.context_width, cfg.num_classes, token_channels if cfg.fuse_pooled else 0, cfg.head_dropout
+            )
             if cfg.num_classes
             else None
         )
@@ -153,7 +155,7 @@ class HybridModel(MedModel):
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Encoder maps ``[stem, stage1, ..., stage{token_stage}]``."""
         self.check_input(x)
-        return self.encoder(x)  # type: ignore[no-any-return]
+        return self.encoder(x)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.forward_features(x)
@@ -207,8 +209,13 @@ def hybrid_r18_3d(**overrides: Any) -> HybridModel:
 def hybrid_r18_3d_aniso(**overrides: Any) -> HybridModel:
     """ResNet-18 with in-plane-only early strides, for thick-slice volumes (slice axis last)."""
     return _hybrid(
-        {**_R18_3D, "stem_stride": (2, 2, 1), "pool_stride": (2, 2, 1), "stage_strides": (1, (2, 2, 1), 2, 2),
-         "img_size": (64, 64, 32)},
+        {
+            **_R18_3D,
+            "stem_stride": (2, 2, 1),
+            "pool_stride": (2, 2, 1),
+            "stage_strides": (1, (2, 2, 1), 2, 2),
+            "img_size": (64, 64, 32),
+        },
         overrides,
     )
 
@@ -217,8 +224,17 @@ def hybrid_r18_3d_aniso(**overrides: Any) -> HybridModel:
 def hybrid_r18_3d_small(**overrides: Any) -> HybridModel:
     """ResNet-18 with the small stem (no early downsampling) for 28^3 MedMNIST3D volumes."""
     return _hybrid(
-        {**_R18_3D, "stem": "small", "img_size": 28, "widths": (32, 64, 128, 256), "stem_channels": 32,
-         "context_width": 256, "context_heads": 4, "context_depth": 4, "decoder_channels": (128, 64, 32, 32)},
+        {
+            **_R18_3D,
+            "stem": "small",
+            "img_size": 28,
+            "widths": (32, 64, 128, 256),
+            "stem_channels": 32,
+            "context_width": 256,
+            "context_heads": 4,
+            "context_depth": 4,
+            "decoder_channels": (128, 64, 32, 32),
+        },
         overrides,
     )
 
@@ -248,8 +264,15 @@ def hybrid_r18_2d_small(**overrides: Any) -> HybridModel:
 def hybrid_r50_2d(**overrides: Any) -> HybridModel:
     """TransUNet-like: ResNet-50 (3 stages) + 12-block Transformer (width 768) on 224^2 images."""
     return _hybrid(
-        {**_R18_2D, "depth": 50, "img_size": 224, "context_width": 768, "context_depth": 12, "context_heads": 12,
-         "decoder_channels": (512, 256, 128, 64)},
+        {
+            **_R18_2D,
+            "depth": 50,
+            "img_size": 224,
+            "context_width": 768,
+            "context_depth": 12,
+            "context_heads": 12,
+            "decoder_channels": (512, 256, 128, 64),
+        },
         overrides,
     )
 

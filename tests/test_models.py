@@ -104,10 +104,11 @@ def test_tiny_models_forward_backward(name: str, size: int) -> None:
     assert len(dead) <= 0.05 * sum(1 for _ in model.parameters()), f"zero gradients: {dead[:5]}"
 
 
+@pytest.mark.parametrize("size", [28, 33, 64])
 @pytest.mark.parametrize("name", FULL)
-def test_full_models_forward_at_odd_size(name: str) -> None:
-    model = _build(name, 33).eval()
-    x = _input(name, 33, batch=1)
+def test_full_models_forward(name: str, size: int) -> None:
+    model = _build(name, size).eval()
+    x = _input(name, size, batch=1)
     with torch.no_grad():
         _check_outputs(model, x, model(x))
 

@@ -1,0 +1,187 @@
+"""The one place MONAI transforms are built: from a :class:`DataConfig` to a ``Compose`` per mode.
+
+The same ``DataConfig`` is stored in every checkpoint, and inference rebuilds its transforms with
+:func:`build_transforms` in ``"infer"`` mode, so training and inference cannot drift apart.
+
+Modes:
+- ``train``: deterministic preprocessing (cached), then random patch sampling and augmentation;
+- ``val``: deterministic preprocessing only, whole images (segmentation is inferred by sliding window);
+- ``infer``: like ``val`` without labels or masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from monai.data.meta_tensor import MetaTensor
+from monai.transforms import (
+    ClipIntensityPercentilesd,
+    Compose,
+    EnsureTyped,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ResizeWithPadOrCropd,
+    ScaleIntensityd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+from medhybrid.config import CT_WINDOWS, DataConfig
+from medhybrid.errors import InputError, MedHybridError
+from medhybrid.io.readers import read_image
+from medhybrid.io.scan import load_study
+
+Mode = Literal["train", "val", "infer"]
+IMAGE, MASK, LABEL = "image", "mask", "label"
+
+
+class LoadStudyd(MapTransform):
+    """Read ``image`` (any source :func:`load_study` takes: file, DICOM file or folder) and ``mask``
+    into channel-first ``MetaTensor`` s carrying the RAS affine.
+
+    MONAI's ``LoadImaged`` is not used because our reader does the DICOM series selection, geometry
+    checks and typed errors that the rest of medhybrid relies on.
+    """
+
+    def __init__(self, keys: Sequence[str], spatial_dims: int = 3) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.spatial_dims = spatial_dims
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = d[key]
+            study = read_image(path, dtype=np.int16) if key == MASK else load_study(path)
+            # Study arrays are (I, J, K[, C]); MONAI wants channels first.
+            array = np.moveaxis(study.array, -1, 0) if study.array.ndim == 4 else study.array[None]
+            if self.spatial_dims == 2:
+                if array.shape[-1] != 1:
+                    raise InputError(
+                        f"a 2D pipeline got a volume of {array.shape[-1]} slices",
+                        path=path,
+                        fix="set data.spatial_dims: 3, or give single-slice images",
+                    )
+                array = array[..., 0]
+            tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+            d[key] = MetaTensor(tensor, affine=torch.as_tensor(study.affine, dtype=torch.float64))
+        return d
+
+
+def intensity_transforms(cfg: DataConfig) -> list[Any]:
+    """The intensity preset: CT windows to [0, 1], MR percentile clip + z-score, or min-max to [0, 1]."""
+    if cfg.intensity in CT_WINDOWS:
+        level, width = CT_WINDOWS[cfg.intensity]
+        return [
+            ScaleIntensityRanged(
+                IMAGE, a_min=level - width / 2, a_max=level + width / 2, b_min=0.0, b_max=1.0, clip=True
+            )
+        ]
+    if cfg.intensity == "mr_zscore":
+        return [ClipIntensityPercentilesd(IMAGE, lower=0.5, upper=99.5), NormalizeIntensityd(IMAGE, nonzero=True)]
+    if cfg.intensity == "minmax":
+        return [ScaleIntensityd(IMAGE, minv=0.0, maxv=1.0)]
+    return []
+
+
+def deterministic_transforms(cfg: DataConfig, keys: Sequence[str]) -> list[Any]:
+    """Load, orient, resample and normalise: everything that does not change from epoch to epoch."""
+    modes = ["nearest" if k == MASK else "bilinear" for k in keys]
+    out: list[Any] = [LoadStudyd(keys, cfg.spatial_dims)]
+    if cfg.orientation:
+        out.append(Orientationd(keys, axcodes=cfg.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+    if cfg.spacing:
+        out.append(Spacingd(keys, pixdim=cfg.spacing, mode=modes))
+    out += intensity_transforms(cfg)
+    return out
+
+
+def augment_transforms(cfg: DataConfig, keys: Sequence[str]) -> list[Any]:
+    a = cfg.augment
+    modes = ["nearest" if k == MASK else "bilinear" for k in keys]
+    out: list[Any] = []
+    if a.flip_prob > 0:
+        out += [RandFlipd(keys, prob=a.flip_prob, spatial_axis=axis) for axis in range(cfg.spatial_dims)]
+    if a.affine_prob > 0 and (a.rotate_degrees > 0 or a.scale > 0):
+        rot = np.deg2rad(a.rotate_degrees)
+        out.append(
+            RandAffined(
+                keys,
+                prob=a.affine_prob,
+                rotate_range=[rot] * (1 if cfg.spatial_dims == 2 else 3),
+                scale_range=[a.scale] * cfg.spatial_dims,
+                mode=modes,
+                padding_mode="zeros",
+            )
+        )
+    if a.intensity_prob > 0:
+        if a.intensity_scale > 0:
+            out.append(RandScaleIntensityd(IMAGE, factors=a.intensity_scale, prob=a.intensity_prob))
+        if a.intensity_shift > 0:
+            out.append(RandShiftIntensityd(IMAGE, offsets=a.intensity_shift, prob=a.intensity_prob))
+        if a.noise_std > 0:
+            out.append(RandGaussianNoised(IMAGE, std=a.noise_std, prob=a.intensity_prob))
+    return out
+
+
+def uses_masks(cfg: DataConfig) -> bool:
+    return cfg.task in ("segmentation", "multitask")
+
+
+def patch_sampling(cfg: DataConfig) -> bool:
+    """Segmentation trains on random patches (foreground-oversampled) when ``patch_size`` is set."""
+    return cfg.task == "segmentation" and cfg.patch_size is not None
+
+
+def apply(transform: Compose, item: Mapping[Hashable, Any]) -> Any:
+    """Run ``transform`` on ``item``; a medhybrid error raised inside comes out as itself.
+
+    MONAI wraps every exception of a transform in ``RuntimeError("applying transform ...")``; the typed
+    error (file, fix) is what a user needs, so it is taken back out of the chain.
+    """
+    try:
+        return transform(item)
+    except RuntimeError as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, MedHybridError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def build_transforms(cfg: DataConfig, mode: Mode) -> Compose:
+    """The full pipeline for one mode (see the module docstring)."""
+    keys = [IMAGE, MASK] if uses_masks(cfg) and mode != "infer" else [IMAGE]
+    steps = deterministic_transforms(cfg, keys)
+    if patch_sampling(cfg):
+        if mode == "train":
+            patch = cfg.patch_size
+            assert patch is not None
+            steps += [
+                SpatialPadd(keys, spatial_size=patch),
+                RandCropByPosNegLabeld(
+                    keys,
+                    label_key=MASK,
+                    spatial_size=patch,
+                    pos=cfg.foreground_fraction,
+                    neg=1.0 - cfg.foreground_fraction,
+                    num_samples=cfg.samples_per_image,
+                ),
+            ]
+    else:
+        steps.append(ResizeWithPadOrCropd(keys, spatial_size=cfg.spatial_size))
+    if mode == "train":
+        steps += augment_transforms(cfg, keys)
+    steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=mode == "infer"))
+    return Compose(steps)

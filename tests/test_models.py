@@ -80,9 +80,47 @@ def test_unknown_option_names_the_valid_ones() -> None:
 
 
 def test_filters() -> None:
-    assert all(get_entry(n).family == "unetr" for n in list_models(family="unetr"))
-    assert all("segmentation" in get_entry(n).tasks for n in list_models(task="segmentation"))
-    assert set(list_models(spatial_dims=2)).isdisjoint(list_models(spatial_dims=3))
+    assert list_models(family="unetr") == ["unetr_2d", "unetr_3d", "unetr_tiny_3d"]
+    seg = list_models(task="segmentation")
+    assert "hybrid_r18_3d" in seg and "vit_b16_3d" not in seg and "resnet18_2d" not in seg
+    assert "hybrid_tiny_3d" not in list_models(include_tiny=False)
+
+
+def test_baseline_options_are_checked() -> None:
+    with pytest.raises(ModelError, match="unknown model option.*drop_path.*valid options.*feature_size"):
+        create_model("unetr_tiny_3d", drop_path=0.1)
+    with pytest.raises(ModelError, match="segmentation only, so num_classes does not apply"):
+        create_model("unetr_3d", num_classes=3)
+    with pytest.raises(ModelError, match="classification only"):
+        create_model("vit_tiny_2d", seg_classes=2)
+    with pytest.raises(ModelError, match="patch size 16"):
+        create_model("unetr_tiny_3d", patch_size=8)
+
+
+def test_fixed_size_models_take_exactly_their_size() -> None:
+    vit = create_model("vit_tiny_3d", img_size=33)  # padded to 40 inside
+    assert vit.fixed_size == (33, 33, 33)
+    assert vit(torch.randn(1, 1, 33, 33, 33))["logits"].shape == (1, 2)
+    for size in (32, 25, 40):
+        with pytest.raises(ModelInputError, match=r"built for spatial size \(33, 33, 33\)"):
+            vit(torch.randn(1, 1, size, size, size))
+
+
+def test_dropout_and_drop_path_act_in_training_only() -> None:
+    seed_everything(0)
+    model = create_model("hybrid_tiny_2d", context_depth=1, drop_path=0.5, dropout=0.2)
+    x = torch.randn(4, 1, 32, 32)
+    model.train()
+    a, b = model(x)["logits"], model(x)["logits"]
+    assert not torch.equal(a, b)
+    model.eval()
+    assert torch.equal(model(x)["logits"], model(x)["logits"])
+
+
+def test_group_norm_by_name() -> None:
+    model = create_model("hybrid_tiny_3d", norm="group")
+    assert isinstance(model.encoder.stem[1], torch.nn.GroupNorm)
+    assert model(torch.randn(1, 1, 32, 32, 32))["seg_logits"].shape == (1, 2, 32, 32, 32)
 
 
 # --- every registered model ---------------------------------------------------------------------
@@ -137,13 +175,28 @@ def test_same_seed_same_output(name: str) -> None:
         assert not torch.equal(outs[0][key], outs[2][key])
 
 
-@pytest.mark.parametrize("name", ["hybrid_tiny_2d", "resnet_tiny_3d", "vit_tiny_3d", "swinunetr_tiny_3d"])
-def test_forward_features_returns_the_encoder(name: str) -> None:
-    model = _build(name, 32).eval()
+@pytest.mark.parametrize("name", ["hybrid_tiny_2d", "resnet_tiny_3d", "swinunetr_tiny_3d", "dynunet_tiny_3d"])
+def test_forward_features_returns_the_encoder_shallow_to_deep(name: str) -> None:
+    model = _build(name, 64).eval()
     with torch.no_grad():
-        feats = model.forward_features(_input(name, 32, batch=1))
-    assert isinstance(feats, list) and len(feats) >= 2
-    assert all(f.shape[0] == 1 for f in feats)
+        feats = model.forward_features(_input(name, 64, batch=1))
+    assert isinstance(feats, list) and len(feats) >= 3
+    sizes = [math.prod(f.shape[2:]) for f in feats]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+
+
+def test_vit_features_are_hidden_states() -> None:
+    model = create_model("vit_tiny_3d", img_size=32).eval()
+    feats = model.forward_features(torch.randn(1, 1, 32, 32, 32))
+    assert len(feats) == 2 and feats[0].shape == (1, 65, 32)  # 2 blocks, CLS + (32/8)^3 tokens, width 32
+
+
+def test_hybrid_logits_come_from_the_last_feature_map() -> None:
+    model = create_model("hybrid_tiny_3d").eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    fmap = model.forward_features(x)[-1]
+    cls, _, _ = model.context(fmap)
+    torch.testing.assert_close(model.cls_head(cls, fmap), model(x)["logits"])
 
 
 def test_bad_inputs_raise_typed_errors() -> None:
@@ -228,7 +281,11 @@ def test_invalid_configs_raise() -> None:
         create_model("hybrid_tiny_3d", depth=101)
     with pytest.raises(ModelError, match="not divisible by heads"):
         create_model("hybrid_tiny_3d", context_heads=5)
-    with pytest.raises(ModelError, match="decoder needs 4 channel entries"):
+    with pytest.raises(ModelError, match="not divisible by heads"):
+        create_model("hybrid_tiny_3d", context_heads=0)
+    with pytest.raises(ModelError, match="standard stem only"):
+        create_model("hybrid_tiny_2d", stem="small", stem_stride=4)
+    with pytest.raises(ModelError, match="decoder_channels needs 4 entries"):
         create_model("hybrid_tiny_3d", decoder_channels=(8, 8))
 
 
@@ -243,10 +300,17 @@ def test_nnunet_plan_isotropic() -> None:
 
 def test_nnunet_plan_thick_slices_pool_in_plane_first() -> None:
     kernels, strides = nnunet_plan((128, 128, 32), (0.75, 0.75, 2.5))
-    assert strides[1] == [2, 2, 1] and kernels[0] == [3, 3, 1]
-    assert kernels[-1] == [3, 3, 3]  # once in-plane spacing has caught up, kernels go 3-wide
-    z = math.prod(s[2] for s in strides)
-    assert 32 / z >= 4  # never below the minimum feature-map size
+    # 0.75/0.75/2.5 mm: z (3.3x the finest) waits one level; then x/y are at 1.5 mm and z joins;
+    # at the end z (4 voxels) stops while x/y (8) pool once more
+    assert strides == [[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 1]]
+    assert kernels == [[3, 3, 1]] + [[3, 3, 3]] * 5
+
+
+def test_nnunet_plan_bottleneck_and_single_axis() -> None:
+    kernels, strides = nnunet_plan((8, 8, 64), (1.0, 1.0, 5.0))
+    # x/y pool once (8 -> 4); then z pools alone while it is >= 12 voxels (64 -> 32 -> 16 -> 8)
+    assert strides == [[1, 1, 1], [2, 2, 1], [1, 1, 2], [1, 1, 2], [1, 1, 2]]
+    assert kernels[:-1] == [[3, 3, 1]] * 4 and kernels[-1] == [3, 3, 3]
 
 
 # --- ONNX ---------------------------------------------------------------------------------------
@@ -309,3 +373,17 @@ def test_compiled_model_matches_eager() -> None:
         out = compile_for_inference(model)(x)
     for key in ref:
         torch.testing.assert_close(out[key], ref[key], atol=1e-4, rtol=1e-4)
+
+
+def test_flop_count_includes_sdpa_attention() -> None:
+    from medhybrid.models.profile import forward_gflops
+
+    ctx = TransformerContext(16, 3, ContextConfig(width=64, depth=2, heads=4, pos_grid=(8, 8, 8)))
+
+    class Explicit(torch.nn.Module):
+        def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+            return ctx(fmap, return_attention=True)[0]
+
+    fmap = torch.randn(1, 16, 8, 8, 8)
+    sdpa, explicit = forward_gflops(ctx, fmap), forward_gflops(Explicit(), fmap)
+    assert sdpa == pytest.approx(explicit, rel=0.01)

@@ -36,7 +36,7 @@ class MedModel(nn.Module):
         size_divisor: spatial sizes the network needs, per axis; inputs are zero-padded up to a multiple
             and the mask is cropped back, so callers may pass any size.
         min_size: smallest spatial size the network works at (smaller inputs are padded up to it).
-        fixed_size: the one spatial size the network was built for (ViT/UNETR), or None for any size.
+        fixed_size: the one spatial size the network accepts (ViT/UNETR: their ``img_size``), or None for any.
         entry: the registry entry, set by ``create_model``.
     """
 
@@ -90,10 +90,7 @@ class MedModel(nn.Module):
                 f"model expects {self.in_channels} input channel(s), got {x.shape[1]}",
                 fix="build the model with in_channels matching the data",
             )
-        if (
-            self.fixed_size is not None
-            and tuple(padded_size(x.shape[2:], self.size_divisor, self.min_size)) != self.fixed_size
-        ):
+        if self.fixed_size is not None and tuple(x.shape[2:]) != self.fixed_size:
             raise ModelInputError(
                 f"model was built for spatial size {self.fixed_size}, got {tuple(x.shape[2:])}",
                 fix="build it with img_size equal to the input size, or use sliding-window inference",

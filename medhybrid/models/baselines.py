@@ -11,6 +11,7 @@ the input up to that multiple and crops the mask back, so every baseline accepts
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -135,7 +136,12 @@ class MonaiModel(MedModel):
         min_size: int | tuple[int, ...] = 1
         if kind in ("vit", "unetr"):
             patch = as_tuple(opts.pop("patch_size", 16), dims)
-            fixed = tuple(math.ceil(s / p) * p for s, p in zip(as_tuple(cfg.img_size, dims), patch, strict=True))
+            if kind == "unetr" and patch != (16,) * dims:
+                raise ModelError(
+                    f"UNETR's decoder is built for patch size 16, got {patch}", fix="leave patch_size at 16"
+                )
+            fixed = as_tuple(cfg.img_size, dims)
+            built = tuple(math.ceil(s / p) * p for s, p in zip(fixed, patch, strict=True))  # padded up to the patch
             divisor: tuple[int, ...] = patch
         elif kind == "swinunetr":
             divisor = (2**5,) * dims  # patch 2, then four 2x merges
@@ -160,7 +166,7 @@ class MonaiModel(MedModel):
         if kind == "vit":
             self.net: nn.Module = ViT(
                 cfg.in_channels,
-                fixed,  # type: ignore[arg-type]  # set above for vit/unetr
+                built,
                 patch,
                 classification=True,
                 num_classes=cfg.num_classes,
@@ -169,7 +175,7 @@ class MonaiModel(MedModel):
                 **opts,
             )
         elif kind == "unetr":
-            self.net = UNETR(cfg.in_channels, cfg.seg_classes, fixed, spatial_dims=dims, **opts)  # type: ignore[arg-type]
+            self.net = UNETR(cfg.in_channels, cfg.seg_classes, built, spatial_dims=dims, **opts)
         elif kind == "swinunetr":
             self.net = SwinUNETR(cfg.in_channels, cfg.seg_classes, spatial_dims=dims, **opts)
         elif kind == "dynunet":
@@ -220,10 +226,11 @@ def nnunet_plan(
     """Kernels and strides of a U-Net planned the way nnU-Net plans them, for DynUNet.
 
     Written here because MONAI has no planner. Rules (Isensee et al. 2021): an axis is downsampled while
-    it stays at least ``2 * min_feature_size`` voxels and its spacing is under twice the finest spacing
-    among the axes still being downsampled; an axis gets 3-wide kernels once its spacing is within twice
-    the finest, 1-wide before that (so thick slices are first treated in-plane). At most ``max_pools``
-    downsamplings per axis.
+    it is at least ``2 * min_feature_size`` voxels before the pooling (so it ends at >= ``min_feature_size``)
+    and its spacing is under twice the finest spacing among the axes still being downsampled; a lone
+    axis is pooled only while it is at least ``3 * min_feature_size``. An axis gets 3-wide kernels once
+    its spacing is within twice the finest, 1-wide before that (thick slices are first treated in-plane);
+    the bottleneck is always 3-wide. At most ``max_pools`` downsamplings per axis.
 
     Returns ``(kernels, strides)``: one entry per level, the first stride being 1.
     """
@@ -238,6 +245,8 @@ def nnunet_plan(
             break
         finest = min(space[d] for d in axes)
         axes = [d for d in axes if space[d] / finest < 2]
+        if len(axes) == 1 and size[axes[0]] < 3 * min_feature_size:
+            break  # pooling a single axis is only worth it while it is still long
         stride = [2 if d in axes else 1 for d in range(dims)]
         for d in axes:
             pools[d] += 1
@@ -246,6 +255,7 @@ def nnunet_plan(
         kernel = [3 if kernel[d] == 3 or space[d] / min(space) < 2 else 1 for d in range(dims)]
         kernels.append(list(kernel))
         strides.append(stride)
+    kernels[-1] = [3] * dims  # the bottleneck always gets full 3-wide kernels
     return kernels, strides
 
 
@@ -253,8 +263,47 @@ def _floats(value: float | Sequence[float], n: int) -> tuple[float, ...]:
     return (float(value),) * n if isinstance(value, (int, float)) else tuple(float(v) for v in value)
 
 
+_NETWORKS: dict[str, type[nn.Module]] = {
+    "vit": ViT,
+    "unetr": UNETR,
+    "swinunetr": SwinUNETR,
+    "dynunet": DynUNet,
+    "basicunet": BasicUNet,
+}
+_OUR_OPTIONS = {"vit": {"patch_size"}, "unetr": {"patch_size"}, "dynunet": {"base_filters", "max_filters"}}
+# Set by MonaiModel itself, so not user options.
+_RESERVED = {
+    "in_channels",
+    "out_channels",
+    "img_size",
+    "spatial_dims",
+    "classification",
+    "num_classes",
+    "post_activation",
+    "norm_name",
+    "res_block",
+    "kernel_size",
+    "strides",
+    "upsample_kernel_size",
+}
+
+
 def _monai(kind: Kind, defaults: dict[str, Any], overrides: dict[str, Any]) -> MonaiModel:
     fields = {"spatial_dims", "in_channels", "num_classes", "seg_classes", "img_size", "spacing"}
+    wrong_head = "seg_classes" if kind == "vit" else "num_classes"
+    if overrides.get(wrong_head):
+        task = "classification" if kind == "vit" else "segmentation"
+        raise ModelError(
+            f"{kind} does {task} only, so {wrong_head} does not apply",
+            fix=f"use {'num_classes' if kind == 'vit' else 'seg_classes'}",
+        )
+    allowed = set(inspect.signature(_NETWORKS[kind]).parameters) - _RESERVED | _OUR_OPTIONS.get(kind, set())
+    unknown = sorted(set(overrides) - fields - allowed)
+    if unknown:
+        raise ModelError(
+            f"unknown model option(s) {', '.join(unknown)} for MONAI {_NETWORKS[kind].__name__}",
+            fix=f"valid options: {', '.join(sorted(fields | allowed))}",
+        )
     merged = {**defaults, **overrides}
     known = {k: v for k, v in merged.items() if k in fields}
     options = tuple(sorted((k, v) for k, v in merged.items() if k not in fields))

@@ -47,7 +47,7 @@ class ContextConfig:
 
     def validate(self) -> None:
         """Raises: ModelError: a value out of range."""
-        if self.width % self.heads:
+        if self.heads < 1 or self.width % self.heads:
             raise ModelError(f"context width {self.width} is not divisible by heads {self.heads}")
         if self.depth < 1 or self.mlp_ratio <= 0:
             raise ModelError(f"context depth must be >= 1 and mlp_ratio > 0 (got {self.depth}, {self.mlp_ratio})")
@@ -129,7 +129,8 @@ class TransformerContext(nn.Module):
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.width, *cfg.pos_grid))
         self.pos_drop = nn.Dropout(cfg.dropout)
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        rates[-1] = cfg.drop_path  # with one block, that block gets the full rate
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(cfg.width)
         for p in (self.cls_token, self.cls_pos, self.pos_embed):

@@ -7,6 +7,7 @@ map; thick-slice volumes need anisotropic strides and the decoder needs each sta
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -49,7 +50,7 @@ class ResNetConfig:
         pool_stride: stride of the stem max-pool (standard stem only); per axis allowed.
         stage_strides: stride of each stage's first block; per axis allowed, e.g. ``(2, 2, 1)`` to keep
             the through-plane resolution of a thick-slice volume.
-        norm: MONAI norm name (``"batch"``, ``"instance"``, ``"group"``...).
+        norm: MONAI norm name (``"batch"``, ``"instance"``, ``"group"`` = 8 groups) or a MONAI (name, args) tuple.
         act: MONAI activation name.
     """
 
@@ -63,7 +64,7 @@ class ResNetConfig:
     stem_stride: Stride = 2
     pool_stride: Stride = 2
     stage_strides: tuple[Stride, ...] = (1, 2, 2, 2)
-    norm: str = "batch"
+    norm: str | tuple[str, dict[str, object]] = "batch"
     act: str = "relu"
 
     def validate(self) -> None:
@@ -78,6 +79,13 @@ class ResNetConfig:
             raise ModelError(f"widths and stage_strides need {self.num_stages} entries (one per stage)")
         if self.stem not in ("standard", "small"):
             raise ModelError(f"stem must be 'standard' or 'small', got {self.stem!r}")
+        if self.stem == "small" and (self.stem_stride != 2 or self.pool_stride != 2):
+            raise ModelError("stem_stride and pool_stride apply to the standard stem only; the small stem has stride 1")
+
+
+def norm_spec(norm: str | tuple[str, dict[str, object]]) -> str | tuple[str, dict[str, object]]:
+    """MONAI's norm factory needs ``num_groups`` for group norm; ``"group"`` alone means 8 groups."""
+    return ("group", {"num_groups": 8}) if norm == "group" else norm
 
 
 class ResNetEncoder(nn.Module):
@@ -93,6 +101,7 @@ class ResNetEncoder(nn.Module):
     def __init__(self, cfg: ResNetConfig) -> None:
         super().__init__()
         cfg.validate()
+        cfg = dataclasses.replace(cfg, norm=norm_spec(cfg.norm))
         self.cfg = cfg
         dims = cfg.spatial_dims
         conv = Conv[Conv.CONV, dims]

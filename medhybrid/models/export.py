@@ -82,9 +82,11 @@ def onnx_session(path: str | Path, threads: int | None = None) -> object:
 def onnx_parity(model: MedModel, path: str | Path, x: torch.Tensor) -> dict[str, float]:
     """Largest absolute difference per output between PyTorch (eval) and onnxruntime on ``x``."""
     session = onnx_session(path)
+    was_training = model.training
     model.eval()
     with torch.no_grad():
-        ref = model(x)
-    outputs = session.run(None, {"x": x.numpy()})  # type: ignore[attr-defined]
+        ref = {k: v.cpu() for k, v in model(x).items()}
+    model.train(was_training)
+    outputs = session.run(None, {"x": x.detach().cpu().numpy()})  # type: ignore[attr-defined]
     names = [o.name for o in session.get_outputs()]  # type: ignore[attr-defined]
     return {n: float(np.abs(ref[n].numpy() - o).max()) for n, o in zip(names, outputs, strict=True)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +36,14 @@ class ClassificationHead(nn.Module):
         return self.fc(self.drop(cls))
 
 
-def _conv(dims: int, cin: int, cout: int, norm: str, kernel: int = 3) -> Convolution:
+def _conv(dims: int, cin: int, cout: int, norm: Any, kernel: int = 3) -> Convolution:
     return Convolution(dims, cin, cout, kernel_size=kernel, act="relu", norm=norm, bias=False)
 
 
 class DecoderBlock(nn.Module):
     """Upsample to the skip's size, concatenate the skip, then ``convs`` conv-norm-ReLU layers."""
 
-    def __init__(self, dims: int, cin: int, skip: int, cout: int, norm: str, convs: int = 2) -> None:
+    def __init__(self, dims: int, cin: int, skip: int, cout: int, norm: Any, convs: int = 2) -> None:
         super().__init__()
         self.dims = dims
         layers = [_conv(dims, cin + skip, cout, norm)] + [_conv(dims, cout, cout, norm) for _ in range(convs - 1)]
@@ -85,14 +86,14 @@ class SegmentationDecoder(nn.Module):
         skip_channels: Sequence[int],
         channels: Sequence[int],
         seg_classes: int,
-        norm: str = "batch",
+        norm: Any = "batch",
         convs_per_block: int = 2,
     ) -> None:
         super().__init__()
         if len(channels) != len(skip_channels) + 1:
             raise ModelError(
-                f"decoder needs {len(skip_channels) + 1} channel entries for {len(skip_channels)} skips, "
-                f"got {tuple(channels)}"
+                f"decoder_channels needs {len(skip_channels) + 1} entries (token_stage + 1) for "
+                f"{len(skip_channels)} skips, got {tuple(channels)}"
             )
         self.dims = dims
         self.bridge = _conv(dims, width, channels[0], norm)

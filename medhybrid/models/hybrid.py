@@ -25,7 +25,7 @@ import torch
 from medhybrid.errors import ModelError
 from medhybrid.models.base import MedModel, as_tuple, build_config
 from medhybrid.models.context import ContextConfig, TransformerContext
-from medhybrid.models.encoders import ResNetConfig, ResNetEncoder, Stride
+from medhybrid.models.encoders import ResNetConfig, ResNetEncoder, Stride, norm_spec
 from medhybrid.models.heads import ClassificationHead, SegmentationDecoder
 from medhybrid.models.registry import register_model
 
@@ -61,7 +61,7 @@ class HybridConfig:
     stem_stride: Stride = 2
     pool_stride: Stride = 2
     stage_strides: tuple[Stride, ...] = (1, 2, 2, 2)
-    norm: str = "batch"
+    norm: str | tuple[str, dict[str, Any]] = "batch"
     token_stage: int = 3
     # context
     context_width: int = 384
@@ -145,7 +145,7 @@ class HybridModel(MedModel):
                 skip_channels=self.encoder.out_channels[-2::-1],
                 channels=cfg.decoder_channels,
                 seg_classes=cfg.seg_classes,
-                norm=cfg.norm,
+                norm=norm_spec(cfg.norm),
                 convs_per_block=cfg.decoder_convs,
             )
             if cfg.seg_classes

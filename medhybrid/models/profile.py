@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from medhybrid.errors import ModelInputError
 from medhybrid.models.base import count_parameters
@@ -30,10 +30,21 @@ class ModelSummary:
         return asdict(self)
 
 
+def _cpu_sdpa_flops(
+    query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *args: object, **kwargs: object
+) -> int:
+    return int(sdpa_flop_count(query_shape, key_shape, value_shape))
+
+
+# torch's counter knows the CUDA attention kernels but not the CPU one that SDPA dispatches to; without this,
+# attention written with SDPA (the hybrid) would be counted as free while einsum attention (MONAI) is not.
+_EXTRA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
 def forward_gflops(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """GFLOPs of one eval-mode forward pass (a multiply-add counts 2; convolutions and matmuls only)."""
+    """GFLOPs of one eval-mode forward pass (a multiply-add counts 2; convolutions, matmuls and attention)."""
     model.eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as counter, torch.no_grad():
         model(x)
     return counter.get_total_flops() / 1e9
 

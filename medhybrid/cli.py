@@ -290,8 +290,6 @@ def data_import_msd(
 
 # --- models --------------------------------------------------------------------------------------
 
-DEFAULT_SIZES = {2: (1, 128, 128), 3: (1, 64, 64, 64)}
-
 
 def _parse_input_size(first: str | None, extra: list[str]) -> tuple[int, ...] | None:
     """``--input-size 1 64 64 64`` (click hands us the first value, the rest arrive as extra args) or ``1,64,64,64``."""
@@ -344,7 +342,7 @@ def models_cmd(
     rows = []
     with progress_bar("counting FLOPs", len(names)) as advance:
         for name in names:
-            rows.append(summarize(name, size or DEFAULT_SIZES[get_dims(name)]))
+            rows.append(summarize(name, size))
             advance(label=name)
     if as_json:
         stdout.print_json(json.dumps([r.to_dict() for r in rows]))
@@ -362,12 +360,6 @@ def models_cmd(
             f"{r.gflops:.2f}" if r.gflops is not None else "-",
         )
     stdout.print(table, width=max(stdout.width, 100))
-
-
-def get_dims(name: str) -> int:
-    from medhybrid.models import get_entry
-
-    return get_entry(name).spatial_dims
 
 
 def main() -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import numpy as np
 import torch
 
 from medhybrid.errors import ModelError
+from medhybrid.io.writers import atomic_write_bytes
 from medhybrid.models.base import MedModel
 
 logger = logging.getLogger(__name__)
@@ -24,13 +23,12 @@ def export_onnx(model: MedModel, example: torch.Tensor, path: str | Path, *, dyn
 
     The spatial size is fixed to the example's (positional-embedding resizing and the decoder's
     interpolation sizes are traced as constants); the batch axis stays dynamic unless asked not to.
-    The file is written next to ``path`` and renamed into place, so a failed export leaves nothing.
+    The file is written atomically (``io.writers``), so a failed export leaves nothing.
 
     Raises:
         ModelError: the exporter failed (the message carries its reason).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -40,32 +38,29 @@ def export_onnx(model: MedModel, example: torch.Tensor, path: str | Path, *, dyn
         # torch.export specialises axes of size 1, so a batch-1 example is traced as a batch of 2.
         example = example.repeat(2, *([1] * (example.dim() - 1))) if example.shape[0] == 1 else example
         dynamic = {"x": {0: torch.export.Dim("batch", min=1)}}
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's concern
-            torch.onnx.export(
+            program = torch.onnx.export(
                 model,
                 (example,),
-                tmp,
+                None,  # kept in memory: the bytes go through the project's atomic writer
                 input_names=["x"],
                 output_names=names,
                 opset_version=OPSET,
                 dynamo=True,
                 dynamic_shapes=dynamic,
-                external_data=False,
                 verbose=False,
             )
-        os.replace(tmp, path)
+        assert program is not None  # the dynamo exporter returns its program when given no file
+        data = program.model_proto.SerializeToString()
     except Exception as exc:  # the exporter raises many types; report them as one domain error
         raise ModelError(
             f"ONNX export failed: {exc}", path=path, fix="export in eval mode with a fixed input size"
         ) from exc
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         model.train(was_training)
+    atomic_write_bytes(path, data)
     logger.info("exported %s (%d outputs) to %s", type(model).__name__, len(names), path)
     return path
 

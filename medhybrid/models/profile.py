@@ -49,28 +49,32 @@ def forward_gflops(model: torch.nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / 1e9
 
 
+DEFAULT_SIZES = {2: (1, 128, 128), 3: (1, 64, 64, 64)}
+
+
 def summarize(name: str, input_size: Sequence[int] | None = None, batch: int = 1) -> ModelSummary:
     """Build ``name`` and count its parameters, and its GFLOPs for ``(batch, *input_size)``.
 
-    ``input_size`` is ``(C, *spatial)``; it is skipped (gflops None) when its number of spatial axes
-    does not match the model's. Fixed-size models are built for that size.
+    ``input_size`` is ``(C, *spatial)``, by default :data:`DEFAULT_SIZES` for the model's spatial dims;
+    it is skipped (gflops None) when its number of spatial axes does not match the model's. Fixed-size
+    models are built for that size.
 
     Raises:
         UnknownModelError: no such model.
         ModelInputError: ``input_size`` is not ``(C, H, W)`` or ``(C, D, H, W)``.
     """
     entry = get_entry(name)
-    size = tuple(int(s) for s in input_size) if input_size else None
-    if size is not None and len(size) not in (3, 4):
+    size = tuple(int(s) for s in input_size) if input_size else DEFAULT_SIZES[entry.spatial_dims]
+    if len(size) not in (3, 4):
         raise ModelInputError(f"input size must be C H W or C D H W, got {size}")
-    fits = size is not None and len(size) - 1 == entry.spatial_dims
+    fits = len(size) - 1 == entry.spatial_dims
     kwargs: dict[str, object] = {}
-    if fits and size is not None:
+    if fits:
         kwargs["in_channels"] = size[0]
         if entry.fixed_size:
             kwargs["img_size"] = size[1:]
     model = create_model(name, **kwargs)
-    gflops = forward_gflops(model, torch.zeros(batch, *size)) if fits and size is not None else None
+    gflops = forward_gflops(model, torch.zeros(batch, *size)) if fits else None
     return ModelSummary(
         name=name,
         family=entry.family,

@@ -362,6 +362,49 @@ def models_cmd(
     stdout.print(table, width=max(stdout.width, 100))
 
 
+@app.command("train")
+@domain_errors
+def train_cmd(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML (see pipelines/ and docs/training.md).")],
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key, e.g. --set train.batch_size=16 (repeatable).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run folder (default: runs/<pipeline name>).")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt.")] = False,
+) -> None:
+    """Train a model from a pipeline: validation every epoch, best.pt/last.pt, metrics, curves (torchrun-ready)."""
+    from medhybrid.config import load_pipeline
+    from medhybrid.train import train
+    from medhybrid.train.distributed import from_env
+
+    cfg = load_pipeline(pipeline, overrides)
+    run_dir = out if out is not None else Path("runs") / cfg.name
+    main_rank = from_env().is_main
+
+    def show(record: dict[str, Any]) -> None:
+        vals = " ".join(
+            f"{k[4:]} {v:.4f}" for k, v in record.items() if k.startswith("val_") and isinstance(v, float)
+        )
+        mark = " (best)" if record["best"] else ""
+        stderr.print(
+            f"epoch {record['epoch']:>3} {record['stage']}: train loss {record['train_loss']:.4f} | val {vals} "
+            f"| {record['epoch_seconds']:.1f}s{mark}",
+            highlight=False,
+            markup=False,
+        )
+
+    result = train(cfg, run_dir, resume=resume, on_epoch=show)
+    if main_rank:
+        best = f"{result.best_value:.4f}" if result.best_value is not None else "n/a"
+        stdout.print(
+            f"{result.status}: {len(result.history)} epochs; best {cfg.eval.select} {best} "
+            f"at epoch {result.best_epoch}; run folder {run_dir}",
+            highlight=False,
+        )
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

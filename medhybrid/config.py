@@ -54,7 +54,7 @@ class DataConfig(Strict):
     modality: str | None = None
     intensity: IntensityPreset = "minmax"
     spacing: tuple[float, ...] | None = Field(None, description="target voxel spacing in mm; None keeps it")
-    orientation: str | None = Field("RAS", description="axis codes; None keeps the file's")
+    orientation: str | None = Field("RAS", description="axis codes (default RAS, RA in 2D); None keeps the file's")
     spatial_size: tuple[int, ...] = Field(description="crop/pad size of every image (classification)")
     patch_size: tuple[int, ...] | None = Field(None, description="training patches for segmentation")
     foreground_fraction: float = Field(0.33, ge=0, le=1, description="patches centred on foreground")
@@ -63,6 +63,13 @@ class DataConfig(Strict):
     train_split: str = "train"
     val_split: str = "val"
     augment: AugmentConfig = AugmentConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_orientation(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("spatial_dims") == 2 and "orientation" not in values:
+            return {**values, "orientation": "RA"}
+        return values
 
     @model_validator(mode="after")
     def _sizes_match_dims(self) -> DataConfig:

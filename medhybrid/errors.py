@@ -228,3 +228,18 @@ class ModelInputError(ModelError):
     """An input tensor does not fit the model (channels, spatial dims, size)."""
 
     code = "model_input"
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+class CheckpointError(MedHybridError):
+    """A checkpoint or weights file is missing, unreadable, or not what was expected."""
+
+    code = "checkpoint"
+
+
+class TrainingError(MedHybridError):
+    """A training run cannot start or continue (run folder, resume, diverged loss)."""
+
+    code = "training"

@@ -1,0 +1,230 @@
+"""Checkpoints (``best.pt`` / ``last.pt``) and pretrained weights.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
+``torch.load(weights_only=True)`` (no pickled code runs). It carries everything inference needs to
+rebuild the model and its preprocessing, and everything ``--resume`` needs to continue bit-exactly:
+
+``format``, ``format_version``, ``model_name``, ``model_args``, ``model`` (state dict), ``optimizer``,
+``scheduler``, ``rng``, ``config`` (the resolved pipeline), ``preprocessing`` (the ``data`` section),
+``label_names``, ``mask_label_names``, ``versions``, ``manifest_sha256``, ``seed``, ``stage``,
+``stage_epoch``, ``epoch``, ``global_step``, ``best``, ``history``, ``world_size``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import platform
+import random
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medhybrid.errors import CheckpointError
+from medhybrid.io.writers import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "medhybrid-checkpoint"
+FORMAT_VERSION = 1
+VERSIONED = ("medhybrid", "torch", "monai", "numpy", "pydicom", "nibabel", "SimpleITK", "scikit-learn")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch generator states as weights-only-loadable values."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
+        "numpy": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    py = list(state["python"])
+    random.setstate((py[-2], tuple(py[:-2]), py[-1]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` atomically (temp file + rename: a kill mid-write leaves the old file intact)."""
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **payload}, buf)
+    return atomic_write_bytes(Path(path), buf.getvalue(), fsync=True)
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a medhybrid checkpoint with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: missing or unreadable file, or not a medhybrid checkpoint.
+    """
+    path = Path(path)
+    ckpt = _torch_load(path, map_location)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(
+            "not a medhybrid checkpoint", path=path, fix="give a best.pt/last.pt written by medhybrid train"
+        )
+    if int(ckpt.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint format {ckpt['format_version']} is newer than this medhybrid ({FORMAT_VERSION})",
+            path=path,
+            fix="upgrade medhybrid",
+        )
+    return ckpt
+
+
+def _torch_load(path: Path, map_location: str | torch.device) -> Any:
+    if not path.is_file():
+        raise CheckpointError("file not found", path=path, fix="check the path")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises pickle, zip and runtime errors for bad files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot be loaded with weights_only=True ({first[:200]})",
+            path=path,
+            fix="give a PyTorch state dict or checkpoint saved with torch.save (no pickled objects)",
+        ) from None
+
+
+# --- pretrained weights ------------------------------------------------------------------------
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did: loaded keys and the ones it could not use."""
+
+    layout: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+
+        parts = [f"layout {self.layout}: loaded {len(self.loaded)} tensors"]
+        if self.missing:
+            parts.append(f"missing {len(self.missing)} (kept initialised): {few(self.missing)}")
+        if self.unexpected:
+            parts.append(f"unexpected {len(self.unexpected)} (ignored): {few(self.unexpected)}")
+        if self.mismatched:
+            parts.append(f"shape mismatch {len(self.mismatched)} (ignored): {few(self.mismatched)}")
+        return "; ".join(parts)
+
+
+# torchvision, MONAI and MedicalNet ResNets share one layout: conv1/bn1 stem, layer1..4, fc.
+_RESNET_STEM = {"conv1.": "stem.0.", "bn1.": "stem.1."}
+_RESNET_LAYER = re.compile(r"^layer([1-4])\.")
+
+
+def unwrap_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensor dict inside a file: a medhybrid checkpoint, ``{"state_dict"|"model"|"net": ...}``, or
+    a bare state dict; DataParallel/DDP ``module.`` prefixes stripped."""
+    source = "state dict"
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        obj, source = obj["model"], "medhybrid checkpoint"
+    else:
+        for key in ("state_dict", "model", "net", "model_state_dict"):
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                obj, source = obj[key], f"'{key}' entry"
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(
+            "holds no state dict of tensors", path=path, fix="save model.state_dict() with torch.save"
+        )
+    return {re.sub(r"^(module\.)+", "", k): v for k, v in obj.items()}, source
+
+
+def remap_keys(state: dict[str, torch.Tensor], target_keys: set[str]) -> tuple[dict[str, torch.Tensor], str]:
+    """Rename a known foreign layout onto medhybrid's names.
+
+    - ``medhybrid``: keys already match (or match under ``encoder.``);
+    - ``resnet`` (torchvision 2D, MONAI 3D, MedicalNet 3D): ``conv1/bn1`` -> ``encoder.stem.0/1``,
+      ``layerN.`` -> ``encoder.stages.N-1.``; the classifier (``fc``, ``conv_seg``) is dropped.
+    """
+    if len(set(state) & target_keys) >= max(1, len(state) // 2):
+        return state, "medhybrid"
+    enc = {f"encoder.{k}": v for k, v in state.items()}
+    if len(set(enc) & target_keys) >= max(1, len(state) // 2):
+        return enc, "medhybrid encoder"
+    if any(_RESNET_LAYER.match(k) for k in state):
+        out: dict[str, torch.Tensor] = {}
+        for k, v in state.items():
+            if k.startswith(("fc.", "conv_seg.")):
+                continue
+            for old, new in _RESNET_STEM.items():
+                if k.startswith(old):
+                    k = new + k[len(old) :]
+                    break
+            k = _RESNET_LAYER.sub(lambda m: f"stages.{int(m.group(1)) - 1}.", k)
+            out[f"encoder.{k}"] = v
+        return out, "resnet (torchvision / MONAI / MedicalNet)"
+    return state, "unknown"
+
+
+def load_pretrained(model: nn.Module, path: Path) -> LoadReport:
+    """Load local weights into ``model`` (non-strict), remapping known layouts; tensors whose shape
+    differs are skipped and reported, never half-copied.
+
+    Raises:
+        CheckpointError: unreadable file, no state dict inside, or not one tensor usable.
+    """
+    path = Path(path)
+    state, source = unwrap_state_dict(_torch_load(path, "cpu"), path)
+    target = model.state_dict()
+    state, layout = remap_keys(state, set(target))
+    report = LoadReport(layout=f"{layout} from {source}")
+    usable: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if k not in target:
+            report.unexpected.append(k)
+        elif target[k].shape != v.shape:
+            report.mismatched.append(f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}")
+        else:
+            usable[k] = v
+    report.loaded = sorted(usable)
+    report.missing = sorted(k for k in target if k not in usable and not k.endswith("num_batches_tracked"))
+    if not usable:
+        raise CheckpointError(
+            f"no tensor matches the model ({report.summary()})",
+            path=path,
+            fix="give weights of the same architecture (a medhybrid, MONAI, MedicalNet or torchvision ResNet)",
+        )
+    model.load_state_dict(usable, strict=False)
+    return report

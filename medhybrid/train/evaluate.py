@@ -1,0 +1,144 @@
+"""Validation during training: AUROC / accuracy (scikit-learn), Dice (MONAI), loss.
+
+Each rank runs its share of the validation studies, per-study results are gathered, and every rank
+computes the same metrics from the full list, so early stopping and model selection agree across
+ranks and match a single-process run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import CacheDataset
+from monai.data import Dataset as MonaiDataset
+from monai.inferers import sliding_window_inference
+from monai.metrics import DiceMetric
+from monai.transforms import Compose
+from torch import nn
+
+from medhybrid.config import PipelineConfig
+from medhybrid.data.transforms import IMAGE, LABEL, MASK
+from medhybrid.runtime import autocast
+from medhybrid.train import distributed as dist_utils
+from medhybrid.train.distributed import DistInfo
+from medhybrid.train.optim import TaskLoss
+
+
+class Validator:
+    """Holds this rank's (cached) validation samples and scores a model on them."""
+
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        items: Sequence[dict[str, Any]],
+        transform: Compose,
+        loss: TaskLoss,
+        info: DistInfo,
+        device: torch.device,
+        num_classes: int,
+        seg_classes: int,
+    ) -> None:
+        self.cfg, self.loss, self.info, self.device = cfg, loss, info, device
+        self.num_classes, self.seg_classes = num_classes, seg_classes
+        self.indices = list(range(info.rank, len(items), info.world_size))
+        mine = [items[i] for i in self.indices]
+        self.data: Any = (
+            CacheDataset(mine, transform, num_workers=max(1, torch.get_num_threads()), progress=False)
+            if cfg.data.cache == "memory"
+            else MonaiDataset(mine, transform)
+        )
+        self.total = len(items)
+
+    @torch.no_grad()
+    def run(self, model: nn.Module) -> dict[str, Any]:
+        model.eval()
+        records = [self._score(model, i, self.data[k]) for k, i in enumerate(self.indices)]
+        everything = [r for part in dist_utils.gather_objects(self.info, records) for r in part]
+        everything.sort(key=lambda r: r["index"])
+        return compute_metrics(everything, self.cfg.eval.metrics, self.num_classes, self.seg_classes)
+
+    def _score(self, model: nn.Module, index: int, sample: dict[str, Any]) -> dict[str, Any]:
+        image = sample[IMAGE][None].to(self.device)
+        batch: dict[str, Any] = {}
+        with autocast(self.device) if self.cfg.train.amp else contextlib.nullcontext():
+            if self.cfg.data.task == "segmentation" and self.cfg.data.patch_size is not None:
+                seg = sliding_window_inference(
+                    image,
+                    roi_size=self.cfg.data.patch_size,
+                    sw_batch_size=4,
+                    predictor=lambda x: model(x)["seg_logits"],
+                    overlap=0.5,
+                    mode="gaussian",
+                )
+                assert isinstance(seg, torch.Tensor)
+                out = {"seg_logits": seg.float()}
+            else:
+                out = {k: v.float() for k, v in model(image).items()}
+        record: dict[str, Any] = {"index": index}
+        if LABEL in sample:
+            batch[LABEL] = torch.as_tensor([sample[LABEL]])
+            record["label"] = int(sample[LABEL])
+            record["probs"] = torch.softmax(out["logits"], 1)[0].cpu().numpy().tolist()
+        if MASK in sample:
+            mask = sample[MASK][None].to(self.device)
+            batch[MASK] = mask
+            pred = out["seg_logits"].argmax(1, keepdim=True)
+            record["dice"] = dice_per_class(pred, mask, self.seg_classes)
+        record["loss"] = float(self.loss(out, batch).item())
+        return record
+
+
+def dice_per_class(pred: torch.Tensor, mask: torch.Tensor, n_classes: int) -> list[float]:
+    """Foreground Dice per class for one case (NaN where the class is absent from the reference)."""
+    from monai.networks.utils import one_hot
+
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    values = metric(one_hot(pred, n_classes), one_hot(mask.long(), n_classes))
+    assert isinstance(values, torch.Tensor)
+    return values[0].cpu().tolist()
+
+
+def compute_metrics(
+    records: Sequence[dict[str, Any]], metrics: Sequence[str], num_classes: int, seg_classes: int
+) -> dict[str, Any]:
+    """Metrics over per-study records (``probs``/``label``, ``dice``, ``loss``)."""
+    from sklearn.metrics import roc_auc_score
+
+    out: dict[str, Any] = {"n": len(records)}
+    if "loss" in metrics:
+        out["loss"] = float(np.mean([r["loss"] for r in records]))
+    if records and "probs" in records[0]:
+        probs = np.asarray([r["probs"] for r in records], dtype=np.float64)
+        labels = np.asarray([r["label"] for r in records])
+        if "accuracy" in metrics:
+            out["accuracy"] = float((probs.argmax(1) == labels).mean())
+        if "auroc" in metrics:
+            if len(np.unique(labels)) < 2:
+                out["auroc"] = math.nan  # undefined with one class present
+            elif num_classes == 2:
+                out["auroc"] = float(roc_auc_score(labels, probs[:, 1]))
+            else:
+                out["auroc"] = float(
+                    roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=list(range(num_classes)))
+                )
+    if records and "dice" in records[0] and "dice" in metrics:
+        per_case = np.asarray([r["dice"] for r in records], dtype=np.float64)  # (N, classes - 1)
+        with np.errstate(invalid="ignore"):
+            per_class = np.nanmean(per_case, axis=0) if per_case.size else np.array([])
+        out["dice_per_class"] = [float(v) for v in per_class]
+        out["dice"] = float(np.nanmean(per_class)) if per_class.size else math.nan
+    return out
+
+
+def is_better(value: float, best: float | None, metric: str) -> bool:
+    """Higher is better except for loss; NaN never improves."""
+    if value is None or math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value < best if metric == "loss" else value > best

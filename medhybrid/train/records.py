@@ -1,0 +1,101 @@
+"""What a run leaves behind besides checkpoints: ``metrics.jsonl``, TensorBoard events, curves PNG,
+``config.yaml`` and the run manifest ``run.json``. Only rank 0 writes; every file is written atomically
+(``metrics.jsonl`` is rewritten whole each epoch from the history, so a kill never leaves half a line).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medhybrid.io.writers import atomic_write_bytes
+
+CONFIG_FILE, METRICS_FILE, CURVES_FILE, RUN_FILE = "config.yaml", "metrics.jsonl", "curves.png", "run.json"
+BEST_FILE, LAST_FILE, TB_DIR = "best.pt", "last.pt", "tensorboard"
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; null reads as "undefined"
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    return atomic_write_bytes(path, (json.dumps(_json_safe(obj), indent=2) + "\n").encode())
+
+
+def write_config(run_dir: Path, config: dict[str, Any]) -> Path:
+    return atomic_write_bytes(run_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False).encode())
+
+
+def write_metrics(run_dir: Path, history: Sequence[dict[str, Any]]) -> Path:
+    lines = "".join(json.dumps(_json_safe(h)) + "\n" for h in history)
+    return atomic_write_bytes(run_dir / METRICS_FILE, lines.encode())
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class TensorBoardLog:
+    """Scalars per epoch. On resume, events after ``purge_step`` (from the killed run) are dropped."""
+
+    def __init__(self, run_dir: Path, purge_step: int | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / TB_DIR), purge_step=purge_step)
+
+    def log(self, record: dict[str, Any]) -> None:
+        step = int(record["epoch"])
+        for key, value in record.items():
+            if key in ("epoch", "stage") or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            group = "train" if key.startswith("train_") or key == "lr" else "val"
+            self.writer.add_scalar(f"{group}/{key}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def plot_curves(run_dir: Path, history: Sequence[dict[str, Any]], select: str) -> Path | None:
+    """Loss and the selection metric per epoch, stage boundaries dashed. ``None`` if nothing to plot."""
+    if not history:
+        return None
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h.get("train_loss") for h in history], "o-", label="train")
+    if any("val_loss" in h for h in history):
+        ax_loss.plot(epochs, [h.get("val_loss", math.nan) for h in history], "o-", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_loss.legend()
+    key = f"val_{select}"
+    ax_metric.plot(epochs, [h.get(key, math.nan) for h in history], "o-", color="tab:green")
+    ax_metric.set(xlabel="epoch", ylabel=select, title=f"validation {select}")
+    for ax in (ax_loss, ax_metric):
+        for prev, cur in zip(history, history[1:], strict=False):
+            if cur["stage"] != prev["stage"]:
+                ax.axvline(cur["epoch"] - 0.5, color="grey", linestyle="--", linewidth=0.8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return atomic_write_bytes(run_dir / CURVES_FILE, buf.getvalue())

@@ -1,0 +1,401 @@
+"""Training: pipelines end to end, checkpoints, exact resume after SIGKILL, DDP on 2 CPU ranks, staged
+fine-tuning, pretrained weights, bad configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from medhybrid.cli import app
+from medhybrid.config import DataConfig, load_pipeline
+from medhybrid.data.synth import synthesize_cohort
+from medhybrid.data.transforms import build_transforms
+from medhybrid.errors import CheckpointError, ConfigError, TrainingError
+from medhybrid.models import create_model
+from medhybrid.train import load_checkpoint, load_pretrained, train
+from medhybrid.train.data import GlobalBatchSampler, SeededDataset, class_weights, split_transforms
+from medhybrid.train.optim import lr_factor, param_groups
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING_KEYS = ("epoch_seconds", "elapsed_seconds")
+
+
+@pytest.fixture(scope="module")
+def cohort2d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthesize_cohort(tmp_path_factory.mktemp("c2d"), n=24, dims=2, fmt="nifti", seed=3)
+
+
+def tiny_pipeline(tmp: Path, manifest: Path, **changes: Any) -> Path:
+    """A 2D multitask pipeline that trains in seconds (group norm, no dropout: DDP-comparable)."""
+    raw: dict[str, Any] = {
+        "name": "tiny",
+        "data": {
+            "manifest": str(manifest),
+            "task": "multitask",
+            "spatial_dims": 2,
+            "intensity": "ct_soft_tissue",
+            "spacing": [2.0, 2.0],
+            "spatial_size": [64, 64],
+            "augment": {"flip_prob": 0.5, "rotate_degrees": 15, "affine_prob": 0.5, "intensity_scale": 0.1,
+                        "intensity_prob": 0.5, "noise_std": 0.02},
+        },
+        "model": {"name": "hybrid_tiny_2d", "args": {"norm": "group"}},
+        "train": {
+            "batch_size": 4,
+            "stages": [
+                {"name": "encoder", "epochs": 2, "lr": 0.003, "freeze": ["context"], "warmup_epochs": 1},
+                {"name": "full", "epochs": 3, "lr": 0.001, "lr_scale": {"encoder": 0.1}},
+            ],
+        },
+        "eval": {"metrics": ["auroc", "accuracy", "dice", "loss"], "select": "auroc"},
+        "runtime": {"seed": 7, "threads": 1},
+    }
+    for key, value in changes.items():
+        node = raw
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path = tmp / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def strip_timing(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in h.items() if k not in TIMING_KEYS} for h in history]
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "medhybrid", *args], capture_output=True, text=True, env=env, cwd=REPO, **kw
+    )
+
+
+# --- the run folder -------------------------------------------------------------------------------
+
+
+def test_tiny_run_writes_every_artifact(cohort2d: Path, tmp_path: Path) -> None:
+    cfg = load_pipeline(tiny_pipeline(tmp_path, cohort2d))
+    result = train(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "best.pt", "last.pt", "curves.png", "run.json"):
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").iterdir())
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2, 3, 4, 5]
+    assert [x["stage"] for x in lines] == ["encoder"] * 2 + ["full"] * 3
+    for x in lines:
+        assert 0.0 <= x["val_auroc"] <= 1.0 and 0.0 <= x["val_dice"] <= 1.0 and np.isfinite(x["train_loss"])
+    # best.pt is the epoch with the highest validation AUROC (first one on ties).
+    aurocs = [x["val_auroc"] for x in lines]
+    best = load_checkpoint(run / "best.pt")
+    assert best["epoch"] == int(np.argmax(aurocs)) + 1 == result.best_epoch
+    last = load_checkpoint(run / "last.pt")
+    for key in ("model", "optimizer", "scheduler", "rng", "config", "preprocessing", "label_names",
+                "mask_label_names", "versions", "manifest_sha256", "seed", "history"):
+        assert key in last, key
+    assert last["label_names"] == {0: "normal", 1: "abnormal"} or set(last["label_names"]) == {0, 1}
+    assert last["seed"] == 7 and len(last["manifest_sha256"]) == 64 and last["versions"]["torch"]
+    # The resolved config round-trips, and the stored preprocessing rebuilds the inference transforms.
+    assert load_pipeline(run / "config.yaml").to_dict() == cfg.to_dict()
+    infer_tf = build_transforms(DataConfig.model_validate(last["preprocessing"]), "infer")
+    sample = infer_tf({"image": str(cohort2d.parent / "nifti" / "synth_0000.nii.gz")})
+    assert tuple(sample["image"].shape) == (1, 64, 64)
+    # The model rebuilds from the checkpoint alone.
+    model = create_model(last["model_name"], **last["model_args"])
+    model.load_state_dict(last["model"])
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["status"] == "completed" and manifest["epochs_run"] == 5
+    assert manifest["files"]["best.pt"]["sha256"] and manifest["best_epoch"] == result.best_epoch
+
+
+def test_checkpoint_loads_weights_only_and_rejects_others(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    torch.save({"format": "medhybrid-checkpoint", "evil": Path("/etc")}, bad)
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_checkpoint(bad)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(CheckpointError, match="not a medhybrid checkpoint"):
+        load_checkpoint(other)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_existing_run_needs_resume_and_same_config(cohort2d: Path, tmp_path: Path) -> None:
+    pipe = tiny_pipeline(tmp_path, cohort2d, **{"train.stages": [{"epochs": 1}]})
+    train(load_pipeline(pipe), tmp_path / "run")
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(load_pipeline(pipe), tmp_path / "run")
+    with pytest.raises(TrainingError, match=r"different pipeline \(train.batch_size: 4 -> 8"):
+        train(load_pipeline(pipe, ["train.batch_size=8"]), tmp_path / "run", resume=True)
+    with pytest.raises(TrainingError, match="no last.pt"):
+        train(load_pipeline(pipe), tmp_path / "fresh", resume=True)
+
+
+# --- exact resume ---------------------------------------------------------------------------------
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(cohort2d: Path, tmp_path: Path) -> None:
+    # A 3D-sized epoch (more steps) so that the kill lands inside a run that is far from finished.
+    pipe = tiny_pipeline(
+        tmp_path,
+        cohort2d,
+        **{"train.stages": [{"name": "a", "epochs": 3, "lr": 0.003, "freeze": ["context"], "warmup_epochs": 1},
+                            {"name": "b", "epochs": 5, "lr": 0.001, "lr_scale": {"encoder": 0.1}}],
+           "train.batch_size": 2},
+    )
+    full = tmp_path / "full"
+    train(load_pipeline(pipe), full)
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medhybrid", "train", str(pipe), "--out", str(killed)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    metrics = killed / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    try:
+        # Kill once two epochs are on disk: the run is then inside epoch 3, in the first stage's last epoch.
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-500:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done_before = len(metrics.read_text().splitlines())
+    assert 2 <= done_before < 8
+    assert json.loads((killed / "run.json").read_text())["status"] == "running"
+
+    resumed = run_cli(["train", str(pipe), "--out", str(killed), "--resume"], env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(killed / "last.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert strip_timing(a["history"]) == strip_timing(b["history"])
+    lines = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == list(range(1, 9))
+    assert load_checkpoint(full / "best.pt")["epoch"] == load_checkpoint(killed / "best.pt")["epoch"]
+
+
+# --- distributed ------------------------------------------------------------------------------------
+
+
+def test_torchrun_two_cpu_ranks_match_one(cohort2d: Path, tmp_path: Path) -> None:
+    pipe = tiny_pipeline(tmp_path, cohort2d)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = run_cli(["train", str(pipe), "--out", str(tmp_path / "one")], env=env, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "medhybrid", "train", str(pipe), "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = load_checkpoint(tmp_path / "one" / "last.pt"), load_checkpoint(tmp_path / "two" / "last.pt")
+    assert b["world_size"] == 2 and a["world_size"] == 1
+    for ha, hb in zip(a["history"], b["history"], strict=True):
+        for key in ("train_loss", "val_loss", "val_auroc", "val_accuracy", "val_dice"):
+            assert ha[key] == pytest.approx(hb[key], abs=2e-3), (ha["epoch"], key)
+    for key, value in a["model"].items():
+        assert torch.allclose(value.float(), b["model"][key].float(), atol=1e-3), key
+    # Only rank 0 wrote: one events file, one metrics file with one line per epoch.
+    assert len(list((tmp_path / "two" / "tensorboard").iterdir())) == 1
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 5
+
+
+def test_global_batches_are_split_across_ranks() -> None:
+    one = list(GlobalBatchSampler(23, 8, seed=1))
+    parts = [list(GlobalBatchSampler(23, 8, seed=1, rank=r, world_size=2)) for r in range(2)]
+    assert len(one) == 2 and all(len(b) == 8 for b in one)
+    for k, batch in enumerate(one):
+        assert parts[0][k] + parts[1][k] == batch
+    s = GlobalBatchSampler(23, 8, seed=1)
+    s.set_epoch(1)
+    assert list(s) != one
+    with pytest.raises(ConfigError, match="not divisible"):
+        GlobalBatchSampler(23, 5, seed=1, world_size=2)
+    weighted = GlobalBatchSampler(100, 50, seed=0, weights=[1.0] * 10 + [0.0] * 90)
+    assert all(i < 10 for b in weighted for i in b)
+
+
+def test_augmentation_depends_on_epoch_and_index_only(cohort2d: Path) -> None:
+    cfg = load_pipeline(tiny_pipeline(cohort2d.parent, cohort2d)).data
+    det, rnd = split_transforms(build_transforms(cfg, "train"))
+    assert det.transforms and rnd.transforms
+    nifti = cohort2d.parent / "nifti"
+    items = [{"image": str(nifti / f"synth_{i:04d}.nii.gz"), "mask": str(nifti / f"synth_{i:04d}_mask.nii.gz")}
+             for i in range(3)]
+    ds = SeededDataset(items, det, rnd, seed=5, cache=True)
+    first = ds[1]["image"].clone()
+    _ = ds[0], ds[2]
+    assert torch.equal(ds[1]["image"], first)  # order of access does not matter
+    ds.set_epoch(1)
+    assert not torch.equal(ds[1]["image"], first)
+    ds.set_epoch(0)
+    assert torch.equal(ds[1]["image"], first)
+
+
+# --- staged fine-tuning ---------------------------------------------------------------------------
+
+
+def test_frozen_modules_do_not_move_and_lr_groups_scale(cohort2d: Path, tmp_path: Path) -> None:
+    pipe = tiny_pipeline(
+        tmp_path, cohort2d, **{"train.stages": [{"name": "enc", "epochs": 1, "lr": 0.01, "freeze": ["context"]}]}
+    )
+    cfg = load_pipeline(pipe)
+    torch.manual_seed(cfg.runtime.seed)
+    init = create_model("hybrid_tiny_2d", norm="group", num_classes=2, seg_classes=2, img_size=[64, 64])
+    train(cfg, tmp_path / "run")
+    after = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    for key, value in init.state_dict().items():
+        if key.startswith("context."):
+            assert torch.equal(value, after[key]), key
+    assert any(not torch.equal(v, after[k]) for k, v in init.state_dict().items() if k.startswith("encoder."))
+
+    stage = cfg.train.stages[0].model_copy(update={"freeze": ("decoder",), "lr_scale": {"encoder": 0.1}})
+    groups = param_groups(init, stage)
+    by_scale: dict[float, int] = {}
+    for g in groups:
+        by_scale[g["lr_scale"]] = by_scale.get(g["lr_scale"], 0) + sum(p.numel() for p in g["params"])
+    enc = sum(p.numel() for n, p in init.named_parameters() if n.startswith("encoder."))
+    assert by_scale[0.1] == enc and all(not p.requires_grad for p in init.decoder.parameters())
+    bad = stage.model_copy(update={"freeze": ("encodr",)})
+    with pytest.raises(ConfigError, match="'encodr' matches no parameter"):
+        param_groups(init, bad)
+
+
+def test_warmup_then_cosine() -> None:
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0)
+    assert lr_factor(50, 100, 0, "constant") == 1.0
+
+
+def test_early_stopping_ends_the_run(cohort2d: Path, tmp_path: Path) -> None:
+    pipe = tiny_pipeline(
+        tmp_path, cohort2d,
+        **{"train.stages": [{"epochs": 30, "lr": 1e-12}], "train.early_stopping": 2},
+    )
+    result = train(load_pipeline(pipe), tmp_path / "run")
+    assert result.status == "early_stopped"
+    assert len(result.history) < 30
+    assert result.history[-1]["epoch"] - result.best_epoch == 2
+
+
+def test_class_weights() -> None:
+    w = class_weights([0, 0, 0, 1], 2)
+    assert w[1] == pytest.approx(3 * w[0]) and np.mean(w) == pytest.approx(1.0)
+
+
+# --- pretrained weights ---------------------------------------------------------------------------
+
+
+def test_pretrained_monai_resnet_layout_is_remapped(tmp_path: Path) -> None:
+    from monai.networks.nets import resnet18
+
+    donor = resnet18(spatial_dims=3, n_input_channels=1, num_classes=7)
+    path = tmp_path / "monai_r18.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in donor.state_dict().items()}}, path)
+    model = create_model("resnet18_3d", num_classes=2)
+    report = load_pretrained(model, path)
+    assert report.layout.startswith("resnet")
+    assert not report.mismatched
+    # MONAI's shortcut convolutions have a bias, ours (like torchvision's) do not: reported, not loaded.
+    assert report.unexpected == [f"encoder.stages.{i}.0.downsample.0.bias" for i in (1, 2, 3)]
+    assert report.missing == ["fc.bias", "fc.weight"]  # the new head stays initialised
+    assert torch.equal(model.encoder.stem[0].weight, donor.conv1.weight)
+    assert torch.equal(model.encoder.stages[3][1].conv2.weight, donor.layer4[1].conv2.weight)
+
+
+def test_pretrained_torchvision_2d_layout_into_hybrid(tmp_path: Path) -> None:
+    hybrid = create_model("hybrid_r18_2d", num_classes=2, seg_classes=0)
+    # A torchvision-style ResNet-18 state dict: RGB stem (shape mismatch: ours is 1 channel), fc of 1000.
+    tv: dict[str, torch.Tensor] = {"conv1.weight": torch.randn(64, 3, 7, 7), "fc.weight": torch.randn(1000, 512)}
+    for name, value in hybrid.encoder.state_dict().items():
+        if name.startswith("stages."):
+            tv["layer" + str(int(name.split(".")[1]) + 1) + name[len("stages.0"):]] = torch.randn_like(value.float())
+        elif name.startswith("stem.1."):
+            tv["bn1." + name[len("stem.1."):]] = value.clone()
+    tv["layer4.0.conv1.weight"] = torch.randn(512, 256, 3, 3)  # hybrid_r18_2d has 3 stages: unexpected
+    path = tmp_path / "tv.pth"
+    torch.save(tv, path)
+    report = load_pretrained(hybrid, path)
+    assert any("encoder.stem.0.weight" in m for m in report.mismatched)
+    assert "encoder.stages.3.0.conv1.weight" in report.unexpected
+    assert torch.equal(hybrid.encoder.stages[0][0].conv1.weight, tv["layer1.0.conv1.weight"])
+    assert "context" in " ".join(report.missing)
+    assert "missing" in report.summary() and "shape mismatch" in report.summary()
+
+
+def test_pretrained_file_errors(tmp_path: Path) -> None:
+    model = create_model("resnet_tiny_2d")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_pretrained(model, junk)
+    unrelated = tmp_path / "unrelated.pt"
+    torch.save({"a.b": torch.zeros(3)}, unrelated)
+    with pytest.raises(CheckpointError, match="no tensor matches"):
+        load_pretrained(model, unrelated)
+
+
+def test_pipeline_with_pretrained_from_a_previous_run(cohort2d: Path, tmp_path: Path) -> None:
+    pipe = tiny_pipeline(tmp_path, cohort2d, **{"train.stages": [{"epochs": 1}]})
+    train(load_pipeline(pipe), tmp_path / "first")
+    second = tiny_pipeline(
+        tmp_path, cohort2d,
+        **{"train.stages": [{"epochs": 1, "lr": 1e-9}], "model.pretrained": str(tmp_path / "first" / "best.pt")},
+    )
+    train(load_pipeline(second), tmp_path / "second")
+    a = load_checkpoint(tmp_path / "first" / "best.pt")["model"]
+    b = load_checkpoint(tmp_path / "second" / "last.pt")["model"]
+    key = "encoder.stem.0.weight"
+    assert torch.allclose(a[key], b[key], atol=1e-6)
+    assert "medhybrid" in json.loads((tmp_path / "second" / "run.json").read_text())["pretrained"]
+
+
+# --- bad configs: one clear line ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"train.stages": [{"epochs": 1, "lrr": 0.1}]}, "train.stages.0.lrr: Extra inputs are not permitted"),
+        ({"train.batch_size": "eight"}, "train.batch_size: Input should be a valid integer"),
+        ({"data.manifest": "nowhere/manifest.csv"}, "data.manifest: file not found"),
+        ({"data.label_names": {0: "normal"}}, "has label 1, not in label_names [0]"),
+        ({"model.name": "hybrid_tiny_3d"}, "hybrid_tiny_3d is 3D but data.spatial_dims is 2"),
+        ({"model.name": "resnet_tiny_2d"}, "cannot do segmentation"),
+    ],
+)
+def test_bad_config_is_one_line(cohort2d: Path, tmp_path: Path, change: dict[str, Any], expected: str) -> None:
+    pipe = tiny_pipeline(tmp_path, cohort2d, **change)
+    result = CliRunner().invoke(app, ["train", str(pipe), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    joined = " ".join(lines)
+    assert expected in joined and "fix:" in joined
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run" / "last.pt").exists()

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 from monai.networks.nets import UNETR, BasicUNet, DynUNet, SwinUNETR, ViT
+from monai.networks.nets import ResNet as MonaiResNet
 from torch import nn
 
 from medhybrid.errors import ModelError
@@ -119,7 +120,8 @@ class MonaiConfig:
     options: tuple[tuple[str, Any], ...] = ()
 
 
-Kind = Literal["vit", "unetr", "swinunetr", "dynunet", "basicunet"]
+Kind = Literal["vit", "unetr", "swinunetr", "dynunet", "basicunet", "resnet"]
+CLS_KINDS = ("vit", "resnet")
 
 
 class MonaiModel(MedModel):
@@ -151,13 +153,15 @@ class MonaiModel(MedModel):
             opts = {"kernel_size": kernels, "strides": strides, "upsample_kernel_size": strides[1:], **opts}
             divisor = tuple(math.prod(s[d] for s in strides) for d in range(dims))
             min_size = as_tuple(cfg.img_size, dims)  # nnU-Net pads inputs smaller than the planned patch
+        elif kind == "resnet":
+            divisor = (1,) * dims
         else:
             divisor = (2**4,) * dims
         super().__init__(
             spatial_dims=dims,
             in_channels=cfg.in_channels,
-            num_classes=cfg.num_classes if kind == "vit" else 0,
-            seg_classes=0 if kind == "vit" else cfg.seg_classes,
+            num_classes=cfg.num_classes if kind in CLS_KINDS else 0,
+            seg_classes=0 if kind in CLS_KINDS else cfg.seg_classes,
             size_divisor=divisor,
             min_size=min_size,
             fixed_size=fixed,
@@ -184,6 +188,12 @@ class MonaiModel(MedModel):
             self.net = DynUNet(dims, cfg.in_channels, cfg.seg_classes, norm_name="instance", res_block=False, **opts)
         elif kind == "basicunet":
             self.net = BasicUNet(dims, cfg.in_channels, cfg.seg_classes, **opts)
+        elif kind == "resnet":
+            opts.setdefault("layers", [2, 2, 2, 2])  # ResNet-18 unless told otherwise
+            opts.setdefault("block_inplanes", [64, 128, 256, 512])
+            self.net = MonaiResNet(
+                "basic", spatial_dims=dims, n_input_channels=cfg.in_channels, num_classes=cfg.num_classes, **opts
+            )
         else:
             raise ModelError(f"unknown MONAI network kind {kind!r}")
         for name, p in self.net.named_parameters():
@@ -201,6 +211,13 @@ class MonaiModel(MedModel):
             return list(vit(x)[1])
         if self.kind == "swinunetr":
             return list(net.swinViT(x, net.normalize))
+        if self.kind == "resnet":
+            feats = [net.act(net.bn1(net.conv1(x)))]
+            h = net.maxpool(feats[0]) if not net.no_max_pool else feats[0]
+            for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+                h = layer(h)
+                feats.append(h)
+            return feats
         if self.kind == "dynunet":
             feats = [net.input_block(x)]
             for down in net.downsamples:
@@ -217,6 +234,8 @@ class MonaiModel(MedModel):
         out = self.net(padded)
         if self.kind == "vit":
             return {"logits": out[0]}
+        if self.kind == "resnet":
+            return {"logits": out}
         return {"seg_logits": crop_to(out, size)}
 
 
@@ -269,6 +288,7 @@ _NETWORKS: dict[str, type[nn.Module]] = {
     "swinunetr": SwinUNETR,
     "dynunet": DynUNet,
     "basicunet": BasicUNet,
+    "resnet": MonaiResNet,
 }
 _OUR_OPTIONS = {"vit": {"patch_size"}, "unetr": {"patch_size"}, "dynunet": {"base_filters", "max_filters"}}
 # Set by MonaiModel itself, so not user options.
@@ -285,17 +305,19 @@ _RESERVED = {
     "kernel_size",
     "strides",
     "upsample_kernel_size",
+    "n_input_channels",
+    "block",
 }
 
 
 def _monai(kind: Kind, defaults: dict[str, Any], overrides: dict[str, Any]) -> MonaiModel:
     fields = {"spatial_dims", "in_channels", "num_classes", "seg_classes", "img_size", "spacing"}
-    wrong_head = "seg_classes" if kind == "vit" else "num_classes"
+    wrong_head = "seg_classes" if kind in CLS_KINDS else "num_classes"
     if overrides.get(wrong_head):
-        task = "classification" if kind == "vit" else "segmentation"
+        task = "classification" if kind in CLS_KINDS else "segmentation"
         raise ModelError(
             f"{kind} does {task} only, so {wrong_head} does not apply",
-            fix=f"use {'num_classes' if kind == 'vit' else 'seg_classes'}",
+            fix=f"use {'num_classes' if kind in CLS_KINDS else 'seg_classes'}",
         )
     allowed = set(inspect.signature(_NETWORKS[kind]).parameters) - _RESERVED | _OUR_OPTIONS.get(kind, set())
     unknown = sorted(set(overrides) - fields - allowed)
@@ -308,6 +330,18 @@ def _monai(kind: Kind, defaults: dict[str, Any], overrides: dict[str, Any]) -> M
     known = {k: v for k, v in merged.items() if k in fields}
     options = tuple(sorted((k, v) for k, v in merged.items() if k not in fields))
     return MonaiModel(kind, build_config(MonaiConfig, {}, {**known, "options": options}))
+
+
+@register_model(family="resnet", spatial_dims=2, tasks=CLS)
+def monai_resnet18_2d(**overrides: Any) -> MonaiModel:
+    """MONAI's own ResNet-18 (monai.networks.nets.ResNet, its defaults), 2D: the reference baseline."""
+    return _monai("resnet", {"spatial_dims": 2, "num_classes": 2}, overrides)
+
+
+@register_model(family="resnet", spatial_dims=3, tasks=CLS)
+def monai_resnet18_3d(**overrides: Any) -> MonaiModel:
+    """MONAI's own ResNet-18 (monai.networks.nets.ResNet, its defaults), 3D: the reference baseline."""
+    return _monai("resnet", {"spatial_dims": 3, "num_classes": 2}, overrides)
 
 
 _VIT_TINY = {"hidden_size": 32, "mlp_dim": 64, "num_layers": 2, "num_heads": 2, "patch_size": 8}

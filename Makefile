@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 SHARED_DATA ?= ../shared/data
 DEMO_OUT ?= demo_out
 
-.PHONY: install demo test test-slow lint bench manifests clean
+.PHONY: install demo test test-slow lint bench bench-train manifests clean
 
 install: $(VENV)/.installed
 
@@ -18,9 +18,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+# The demo: a synthetic cohort (real DICOM series + NIfTI), then the demo pipeline trains on it (< 2 min, 2 cores).
 demo: install
-	$(BIN)/medhybrid data synth $(DEMO_OUT)/cohort --n 12 --dims 3 --format both --seed 0
-	$(BIN)/medhybrid data scan $(DEMO_OUT)/cohort
+	rm -rf $(DEMO_OUT)/cohort $(DEMO_OUT)/run
+	$(BIN)/medhybrid data synth $(DEMO_OUT)/cohort --n 60 --dims 3 --format both --seed 0
+	$(BIN)/medhybrid data validate $(DEMO_OUT)/cohort/manifest.csv
+	$(BIN)/medhybrid train pipelines/demo.yaml --set data.manifest=$(abspath $(DEMO_OUT))/cohort/manifest.csv --out $(DEMO_OUT)/run
 
 test: install
 	$(PY) -m pytest -q
@@ -37,6 +40,10 @@ bench: install
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/models.py --json
 
+# Training benchmark (tens of minutes on 2 cores): needs `make manifests` and ../shared/data.
+bench-train: install
+	$(PY) benchmarks/train.py
+
 # Manifests for ../shared/data (MedMNIST samples are written out as files, so they are generated, not shipped).
 manifests: install
 	$(BIN)/medhybrid data import-msd $(SHARED_DATA)/msd_hippocampus data_manifests/hippocampus
@@ -45,4 +52,4 @@ manifests: install
 	$(BIN)/medhybrid data import-medmnist $(SHARED_DATA)/medmnist/adrenalmnist3d_64_trainval.npz data_manifests/generated/adrenalmnist3d_64
 
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(DEMO_OUT) runs benchmarks/runs .pytest_cache .ruff_cache .mypy_cache

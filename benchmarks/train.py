@@ -17,7 +17,8 @@ hybrid's time to AUROC 0.97, in minutes), ``time_ratio_vs_resnet18``, ``adrenal_
 ``hippocampus_val_dice`` (best validation values), plus the details.
 
 Needs the MedMNIST manifests (``make manifests``) and ../shared/data.
-Usage: python benchmarks/train.py [--only pneumonia adrenal hippocampus] [--out DIR] [--set KEY=VALUE ...]
+Usage: python benchmarks/train.py [--only pneumonia adrenal hippocampus] [--keep] [--out DIR] [--set KEY=VALUE ...]
+(``--keep`` merges the parts run now into the results already in ``OUT/train_benchmark.json``.)
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", default=["pneumonia", "adrenal", "hippocampus"])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "runs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every pipeline")
+    parser.add_argument("--keep", action="store_true", help="merge into OUT/train_benchmark.json (with --only)")
     args = parser.parse_args()
     out: dict[str, Any] = {}
     details: dict[str, Any] = {}
@@ -105,7 +107,12 @@ def main() -> int:
         out["hippocampus_minutes"] = round(hippo["train_seconds"] / 60, 2)
         details["hippocampus"] = hippo
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train_benchmark.json").write_text(json.dumps({"summary": out, "details": details}, indent=2))
+    results = args.out / "train_benchmark.json"
+    if args.keep and results.is_file():  # --only re-runs part of the benchmark; keep the other parts' results
+        previous = json.loads(results.read_text())
+        out = {**previous["summary"], **out}
+        details = {**previous["details"], **details}
+    results.write_text(json.dumps({"summary": out, "details": details}, indent=2))
     for key, value in out.items():
         print(f"{key:32s} {value}")
     print(json.dumps(out))

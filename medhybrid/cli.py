@@ -369,9 +369,7 @@ def train_cmd(
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Override a key, e.g. --set train.batch_size=16 (repeatable).")
     ] = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Run folder (default: runs/<pipeline name>).")
-    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<pipeline name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt.")] = False,
 ) -> None:
     """Train a model from a pipeline: validation every epoch, best.pt/last.pt, metrics, curves (torchrun-ready)."""
@@ -384,9 +382,7 @@ def train_cmd(
     main_rank = from_env().is_main
 
     def show(record: dict[str, Any]) -> None:
-        vals = " ".join(
-            f"{k[4:]} {v:.4f}" for k, v in record.items() if k.startswith("val_") and isinstance(v, float)
-        )
+        vals = " ".join(f"{k[4:]} {v:.4f}" for k, v in record.items() if k.startswith("val_") and isinstance(v, float))
         mark = " (best)" if record["best"] else ""
         stderr.print(
             f"epoch {record['epoch']:>3} {record['stage']}: train loss {record['train_loss']:.4f} | val {vals} "

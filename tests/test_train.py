@@ -48,8 +48,14 @@ def tiny_pipeline(tmp: Path, manifest: Path, **changes: Any) -> Path:
             "intensity": "ct_soft_tissue",
             "spacing": [2.0, 2.0],
             "spatial_size": [64, 64],
-            "augment": {"flip_prob": 0.5, "rotate_degrees": 15, "affine_prob": 0.5, "intensity_scale": 0.1,
-                        "intensity_prob": 0.5, "noise_std": 0.02},
+            "augment": {
+                "flip_prob": 0.5,
+                "rotate_degrees": 15,
+                "affine_prob": 0.5,
+                "intensity_scale": 0.1,
+                "intensity_prob": 0.5,
+                "noise_std": 0.02,
+            },
         },
         "model": {"name": "hybrid_tiny_2d", "args": {"norm": "group"}},
         "train": {
@@ -103,8 +109,20 @@ def test_tiny_run_writes_every_artifact(cohort2d: Path, tmp_path: Path) -> None:
     best = load_checkpoint(run / "best.pt")
     assert best["epoch"] == int(np.argmax(aurocs)) + 1 == result.best_epoch
     last = load_checkpoint(run / "last.pt")
-    for key in ("model", "optimizer", "scheduler", "rng", "config", "preprocessing", "label_names",
-                "mask_label_names", "versions", "manifest_sha256", "seed", "history"):
+    for key in (
+        "model",
+        "optimizer",
+        "scheduler",
+        "rng",
+        "config",
+        "preprocessing",
+        "label_names",
+        "mask_label_names",
+        "versions",
+        "manifest_sha256",
+        "seed",
+        "history",
+    ):
         assert key in last, key
     assert last["label_names"] == {0: "normal", 1: "abnormal"} or set(last["label_names"]) == {0, 1}
     assert last["seed"] == 7 and len(last["manifest_sha256"]) == 64 and last["versions"]["torch"]
@@ -153,9 +171,13 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(cohort2d: Path, tmp_p
     pipe = tiny_pipeline(
         tmp_path,
         cohort2d,
-        **{"train.stages": [{"name": "a", "epochs": 3, "lr": 0.003, "freeze": ["context"], "warmup_epochs": 1},
-                            {"name": "b", "epochs": 5, "lr": 0.001, "lr_scale": {"encoder": 0.1}}],
-           "train.batch_size": 2},
+        **{
+            "train.stages": [
+                {"name": "a", "epochs": 3, "lr": 0.003, "freeze": ["context"], "warmup_epochs": 1},
+                {"name": "b", "epochs": 5, "lr": 0.001, "lr_scale": {"encoder": 0.1}},
+            ],
+            "train.batch_size": 2,
+        },
     )
     full = tmp_path / "full"
     train(load_pipeline(pipe), full)
@@ -164,7 +186,10 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(cohort2d: Path, tmp_p
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "medhybrid", "train", str(pipe), "--out", str(killed)],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     metrics = killed / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -206,9 +231,24 @@ def test_torchrun_two_cpu_ranks_match_one(cohort2d: Path, tmp_path: Path) -> Non
     one = run_cli(["train", str(pipe), "--out", str(tmp_path / "one")], env=env, timeout=600)
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "medhybrid", "train", str(pipe), "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "medhybrid",
+            "train",
+            str(pipe),
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
     )
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = load_checkpoint(tmp_path / "one" / "last.pt"), load_checkpoint(tmp_path / "two" / "last.pt")
@@ -243,8 +283,10 @@ def test_augmentation_depends_on_epoch_and_index_only(cohort2d: Path) -> None:
     det, rnd = split_transforms(build_transforms(cfg, "train"))
     assert det.transforms and rnd.transforms
     nifti = cohort2d.parent / "nifti"
-    items = [{"image": str(nifti / f"synth_{i:04d}.nii.gz"), "mask": str(nifti / f"synth_{i:04d}_mask.nii.gz")}
-             for i in range(3)]
+    items = [
+        {"image": str(nifti / f"synth_{i:04d}.nii.gz"), "mask": str(nifti / f"synth_{i:04d}_mask.nii.gz")}
+        for i in range(3)
+    ]
     ds = SeededDataset(items, det, rnd, seed=5, cache=True)
     first = ds[1]["image"].clone()
     _ = ds[0], ds[2]
@@ -295,7 +337,8 @@ def test_warmup_then_cosine() -> None:
 
 def test_early_stopping_ends_the_run(cohort2d: Path, tmp_path: Path) -> None:
     pipe = tiny_pipeline(
-        tmp_path, cohort2d,
+        tmp_path,
+        cohort2d,
         **{"train.stages": [{"epochs": 30, "lr": 1e-12}], "train.early_stopping": 2},
     )
     result = train(load_pipeline(pipe), tmp_path / "run")
@@ -335,9 +378,9 @@ def test_pretrained_torchvision_2d_layout_into_hybrid(tmp_path: Path) -> None:
     tv: dict[str, torch.Tensor] = {"conv1.weight": torch.randn(64, 3, 7, 7), "fc.weight": torch.randn(1000, 512)}
     for name, value in hybrid.encoder.state_dict().items():
         if name.startswith("stages."):
-            tv["layer" + str(int(name.split(".")[1]) + 1) + name[len("stages.0"):]] = torch.randn_like(value.float())
+            tv["layer" + str(int(name.split(".")[1]) + 1) + name[len("stages.0") :]] = torch.randn_like(value.float())
         elif name.startswith("stem.1."):
-            tv["bn1." + name[len("stem.1."):]] = value.clone()
+            tv["bn1." + name[len("stem.1.") :]] = value.clone()
     tv["layer4.0.conv1.weight"] = torch.randn(512, 256, 3, 3)  # hybrid_r18_2d has 3 stages: unexpected
     path = tmp_path / "tv.pth"
     torch.save(tv, path)
@@ -365,7 +408,8 @@ def test_pipeline_with_pretrained_from_a_previous_run(cohort2d: Path, tmp_path: 
     pipe = tiny_pipeline(tmp_path, cohort2d, **{"train.stages": [{"epochs": 1}]})
     train(load_pipeline(pipe), tmp_path / "first")
     second = tiny_pipeline(
-        tmp_path, cohort2d,
+        tmp_path,
+        cohort2d,
         **{"train.stages": [{"epochs": 1, "lr": 1e-9}], "model.pretrained": str(tmp_path / "first" / "best.pt")},
     )
     train(load_pipeline(second), tmp_path / "second")
@@ -399,3 +443,37 @@ def test_bad_config_is_one_line(cohort2d: Path, tmp_path: Path, change: dict[str
     assert expected in joined and "fix:" in joined
     assert "Traceback" not in result.output
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+# --- shipped pipelines ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["demo", "pneumonia_2d", "adrenal_3d", "hippocampus_seg"])
+def test_shipped_pipelines_validate(name: str) -> None:
+    cfg = load_pipeline(REPO / "pipelines" / f"{name}.yaml")
+    assert cfg.name == name
+    assert cfg.data.manifest.is_absolute()
+    create_model(cfg.model.name, **cfg.model.args)  # the model arguments are valid
+
+
+def test_demo_pipeline_runs_on_a_small_cohort(tmp_path: Path) -> None:
+    manifest = synthesize_cohort(tmp_path / "cohort", n=10, dims=3, fmt="both", seed=0)
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(REPO / "pipelines" / "demo.yaml"),
+            "--set",
+            f"data.manifest={manifest}",
+            "--set",
+            "train.stages.0.epochs=1",
+            "--set",
+            "train.stages.1.epochs=1",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "completed: 2 epochs" in result.stdout
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert ckpt["task"] == "multitask" and ckpt["mask_label_names"] == {0: "background", 1: "lesion"}

@@ -58,9 +58,10 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch generator states as weights-only-loadable values."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state(legacy=True)  # ("MT19937", keys, pos, has_gauss, cached_gaussian)
+    py_version, py_internal, py_gauss = random.getstate()
     state: dict[str, Any] = {
-        "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
+        "python": [*py_internal, py_version, py_gauss],
         "numpy": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
         "numpy_pos": int(np_state[2]),
         "torch": torch.get_rng_state(),

@@ -181,9 +181,7 @@ class Trainer:
         if cfg.train.class_balance == "weighted_loss" and cfg.data.task != "segmentation":
             weights = class_weights([r.label for r in task.train_rows if r.label is not None], task.num_classes)
         loss_fn = TaskLoss(cfg.train.loss, cfg.data.task, weights).to(self.device)
-        validator = Validator(
-            cfg, val_items, val_tf, loss_fn, info, self.device, task.num_classes, task.seg_classes
-        )
+        validator = Validator(cfg, val_items, val_tf, loss_fn, info, self.device, task.num_classes, task.seg_classes)
         self.manifest_sha = sha256_file(cfg.data.manifest)
 
         history: list[dict[str, Any]] = []
@@ -192,6 +190,7 @@ class Trainer:
         first_stage, first_stage_epoch, bad_epochs = 0, 0, 0
         if start is not None:
             model.load_state_dict(start["model"])
+            set_rng_state(start["rng"])  # for completeness: every epoch re-derives its generators anyway
             history = list(start["history"])
             best = start["best"]
             best_value, best_epoch, bad_epochs = best["value"], best["epoch"], best["bad_epochs"]
@@ -202,7 +201,11 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             records.write_config(self.run_dir, cfg.to_dict())
             records.write_metrics(self.run_dir, history)
-        tb = records.TensorBoardLog(self.run_dir, purge_step=len(history) + 1 if start else None) if info.is_main else None
+        tb = (
+            records.TensorBoardLog(self.run_dir, purge_step=len(history) + 1 if start else None)
+            if info.is_main
+            else None
+        )
         self._write_run_manifest(history, best_epoch, best_value, status="running")
 
         select = cfg.eval.select

@@ -112,10 +112,12 @@ class TaskLoss(nn.Module):
                 else nn.CrossEntropyLoss(weight=weight)
             )
         if task in ("segmentation", "multitask"):
+            # Batch Dice (one Dice over the whole batch, as nnU-Net does): per-sample Dice on studies without
+            # any foreground would push every prediction to background.
             if cfg.segmentation == "dice_ce":
-                self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+                self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
             elif cfg.segmentation == "dice":
-                self.seg_loss = DiceLoss(to_onehot_y=True, softmax=True)
+                self.seg_loss = DiceLoss(to_onehot_y=True, softmax=True, batch=True)
             else:
                 self.seg_loss = _MaskCE()
         self.focal = cfg.classification == "focal"
@@ -128,7 +130,9 @@ class TaskLoss(nn.Module):
             total = total + (self.cls_loss(logits, target[:, None]) if self.focal else self.cls_loss(logits, target))
         if self.seg_loss is not None:
             weight = self.seg_weight if self.task == "multitask" else 1.0
-            total = total + weight * self.seg_loss(out["seg_logits"].float(), batch["mask"].to(out["seg_logits"].device))
+            total = total + weight * self.seg_loss(
+                out["seg_logits"].float(), batch["mask"].to(out["seg_logits"].device)
+            )
         return total
 
 

@@ -17,8 +17,10 @@ hybrid's time to AUROC 0.97, in minutes), ``time_ratio_vs_resnet18``, ``adrenal_
 ``hippocampus_val_dice`` (best validation values), plus the details.
 
 Needs the MedMNIST manifests (``make manifests``) and ../shared/data.
-Usage: python benchmarks/train.py [--only pneumonia adrenal hippocampus] [--keep] [--out DIR] [--set KEY=VALUE ...]
-(``--keep`` merges the parts run now into the results already in ``OUT/train_benchmark.json``.)
+Usage: python benchmarks/train.py [--only pneumonia adrenal hippocampus] [--keep] [--reuse] [--out DIR]
+                                  [--set KEY=VALUE ...]
+(``--keep`` merges the parts run now into the results already in ``OUT/train_benchmark.json``;
+``--reuse`` takes a finished run of the same resolved config from ``OUT`` instead of training it again.)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 
 from medhybrid.config import load_pipeline
 from medhybrid.train import train
+from medhybrid.train.records import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = REPO / "pipelines"
@@ -44,9 +47,25 @@ RESNET_OVERRIDES = [
 ]
 
 
-def run(pipeline: str, out: Path, overrides: list[str]) -> dict[str, Any]:
+def run(pipeline: str, out: Path, overrides: list[str], reuse: bool = False) -> dict[str, Any]:
     cfg = load_pipeline(PIPELINES / pipeline, overrides)
     run_dir = out / f"{cfg.name}_{cfg.model.name}"
+    if reuse and (run_dir / "run.json").is_file():
+        done = json.loads((run_dir / "run.json").read_text())
+        if done["status"] != "running" and done["config_digest"] == cfg.digest():
+            print(f"  [{cfg.name}/{cfg.model.name}] reusing the finished run in {run_dir}", flush=True)
+            history = read_metrics(run_dir)
+            return {
+                "pipeline": pipeline,
+                "model": cfg.model.name,
+                "history": history,
+                "best_epoch": done["best_epoch"],
+                "best_value": done["best_value"],
+                "wall_seconds": None,
+                "train_seconds": history[-1]["elapsed_seconds"],
+                "run_dir": str(run_dir),
+                "reused": True,
+            }
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
 
@@ -80,12 +99,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "runs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every pipeline")
     parser.add_argument("--keep", action="store_true", help="merge into OUT/train_benchmark.json (with --only)")
+    parser.add_argument("--reuse", action="store_true", help="reuse finished runs of the same config in OUT")
     args = parser.parse_args()
     out: dict[str, Any] = {}
     details: dict[str, Any] = {}
     if "pneumonia" in args.only:
-        hybrid = run("pneumonia_2d.yaml", args.out, args.overrides)
-        resnet = run("pneumonia_2d.yaml", args.out, [*args.overrides, *RESNET_OVERRIDES])
+        hybrid = run("pneumonia_2d.yaml", args.out, args.overrides, args.reuse)
+        resnet = run("pneumonia_2d.yaml", args.out, [*args.overrides, *RESNET_OVERRIDES], args.reuse)
         th = seconds_to(hybrid["history"], "val_auroc", TARGET_AUROC)
         tr = seconds_to(resnet["history"], "val_auroc", TARGET_AUROC)
         out["pneumonia_val_auroc"] = hybrid["best_value"]
@@ -95,12 +115,12 @@ def main() -> int:
         out["time_ratio_vs_resnet18"] = round(th / tr, 3) if th is not None and tr else None
         details["pneumonia_hybrid"], details["pneumonia_resnet18"] = hybrid, resnet
     if "adrenal" in args.only:
-        adrenal = run("adrenal_3d.yaml", args.out, args.overrides)
+        adrenal = run("adrenal_3d.yaml", args.out, args.overrides, args.reuse)
         out["adrenal_val_auroc"] = adrenal["best_value"]
         out["adrenal_minutes"] = round(adrenal["train_seconds"] / 60, 2)
         details["adrenal"] = adrenal
     if "hippocampus" in args.only:
-        hippo = run("hippocampus_seg.yaml", args.out, args.overrides)
+        hippo = run("hippocampus_seg.yaml", args.out, args.overrides, args.reuse)
         out["hippocampus_val_dice"] = hippo["best_value"]
         best = next(h for h in hippo["history"] if h["epoch"] == hippo["best_epoch"])
         out["hippocampus_val_dice_per_class"] = best.get("val_dice_per_class")

@@ -262,7 +262,11 @@ class Trainer:
                         "elapsed_seconds": round(elapsed, 3),
                     }
                     history.append(record)
-                    stopped = cfg.train.early_stopping is not None and bad_epochs >= cfg.train.early_stopping
+                    stopped = (
+                        cfg.train.early_stopping is not None
+                        and bad_epochs >= cfg.train.early_stopping
+                        and stage_epoch < stage.epochs  # patience running out on the stage's last epoch is no stop
+                    )
                     best_state = {"value": best_value, "epoch": best_epoch, "bad_epochs": bad_epochs}
                     best_state["stage_stopped"] = stopped
                     if info.is_main:

@@ -13,11 +13,16 @@ logger = logging.getLogger(__name__)
 
 
 def configure_threads(n: int | None = None) -> int:
-    """Set torch's intra-op threads (default: the CPUs this process may use) and return the number."""
+    """Set torch's intra-op threads and return the number.
+
+    Default: the CPUs this process may use, shared among the processes ``torchrun`` started on this
+    machine (``LOCAL_WORLD_SIZE``), so that N ranks do not oversubscribe the cores.
+    """
     import torch  # imported here so that ingestion-only commands start fast
 
     if n is None:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(max(1, int(n)))
     return torch.get_num_threads()
 

@@ -11,8 +11,7 @@ see exactly the same augmented samples in the same global batches.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,7 +263,12 @@ def build_loaders(
     det, rnd = split_transforms(build_transforms(data, "train"))
     train_items = row_items(task.train_rows, data)
     dataset = SeededDataset(
-        train_items, det, rnd, seed=cfg.runtime.seed, cache=data.cache == "memory", cache_workers=_cache_workers()
+        train_items,
+        det,
+        rnd,
+        seed=cfg.runtime.seed,
+        cache=data.cache == "memory",
+        cache_workers=max(1, torch.get_num_threads()),
     )
     weights = None
     if cfg.train.class_balance == "sampler" and data.task != "segmentation":
@@ -282,22 +286,3 @@ def build_loaders(
     loader = MonaiDataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=False)
     val_items = row_items(task.val_rows, data)
     return loader, dataset, val_items, build_transforms(data, "val")
-
-
-def _cache_workers() -> int:
-    import torch as _torch
-
-    return max(1, _torch.get_num_threads())
-
-
-def shard(items: Sequence[Any], rank: int, world_size: int) -> list[tuple[int, Any]]:
-    """``(index, item)`` pairs of this rank's share (strided, so shares differ in size by at most one)."""
-    return [(i, items[i]) for i in range(rank, len(items), world_size)]
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    return max(1, math.floor(n / batch_size))
-
-
-def label_of(item: Mapping[Hashable, Any]) -> int:
-    return int(item[LABEL])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,11 +118,6 @@ def build_model(name: str, args: dict[str, Any]) -> MedModel:
         raise ConfigError(f"model: {exc.message}", fix=exc.fix or "see docs/models.md") from None
 
 
-def default_threads() -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-
-
 class Trainer:
     """One training run in ``run_dir`` (see the module docstring)."""
 
@@ -152,7 +146,7 @@ class Trainer:
 
     def run(self) -> RunResult:
         cfg, info = self.cfg, self.info
-        configure_threads(cfg.runtime.threads or default_threads())
+        configure_threads(cfg.runtime.threads)
         self.device = resolve_device(cfg.runtime.device, info)
         dist_utils.init(info, self.device)
         try:
@@ -267,8 +261,12 @@ class Trainer:
                         and bad_epochs >= cfg.train.early_stopping
                         and stage_epoch < stage.epochs  # patience running out on the stage's last epoch is no stop
                     )
-                    best_state = {"value": best_value, "epoch": best_epoch, "bad_epochs": bad_epochs}
-                    best_state["stage_stopped"] = stopped
+                    best_state = {
+                        "value": best_value,
+                        "epoch": best_epoch,
+                        "bad_epochs": bad_epochs,
+                        "stage_stopped": stopped,
+                    }
                     if info.is_main:
                         payload = self._payload(model, optimizer, scheduler, s, stage_epoch, epoch, history, best_state)
                         save_checkpoint(self.last_path, payload)

@@ -401,6 +401,68 @@ def train_cmd(
         )
 
 
+@app.command("infer")
+@domain_errors
+def infer_cmd(
+    input_path: Annotated[
+        Path, typer.Argument(metavar="INPUT", help="A folder of studies (DICOM and/or NIfTI, any depth), one study, or a manifest CSV.")
+    ],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Run folder (its best.pt) or a checkpoint file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: one sub-folder per study, index.html, summary.csv.")],
+    tta: Annotated[bool, typer.Option("--tta", help="Average over flips along each axis (slower, steadier).")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo studies that already have a report.")] = False,
+    include_phi: Annotated[
+        bool, typer.Option("--include-phi", help="Put PatientName/ID/BirthDate in reports and DICOM outputs.")
+    ] = False,
+    threshold: Annotated[
+        float | None, typer.Option(help="Decision threshold (default: the operating point stored in the checkpoint).")
+    ] = None,
+    modality: Annotated[list[str] | None, typer.Option(help="Accepted modality (repeatable).")] = None,
+    min_slices: Annotated[int, typer.Option(help="Fewest slices a series must have.")] = 1,
+    series_description: Annotated[str | None, typer.Option(help="Regex searched in SeriesDescription.")] = None,
+    largest: Annotated[bool, typer.Option(help="Among several matching series take the largest.")] = False,
+    no_dicom_outputs: Annotated[bool, typer.Option("--no-dicom-outputs", help="Skip DICOM SEG/SR for DICOM input.")] = False,
+) -> None:
+    """Infer every study and write, per study, report.json/html, mask, saliency and DICOM SEG/SR; then the worklist."""
+    from medhybrid.infer.batch import InferOptions, run_inference
+    from medhybrid.io.select import SelectionRules
+    from medhybrid.runtime import configure_threads
+
+    configure_threads()
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"--threshold must be in [0, 1], got {threshold}", fix="pass a probability, e.g. 0.5")
+    options = InferOptions(
+        tta=tta,
+        device=device,
+        overwrite=overwrite,
+        include_phi=include_phi,
+        threshold=threshold,
+        rules=SelectionRules(
+            modalities=tuple(modality or ()), min_slices=min_slices, description=series_description, largest=largest
+        ),
+        dicom_outputs=not no_dicom_outputs,
+    )
+
+    def show(row: dict[str, Any]) -> None:
+        if row["status"] == "failed":
+            text = f"{row['study_key']}: FAILED ({row['error']}) {row['reason']}"
+        else:
+            text = f"{row['study_key']}: p={float(row['probability']):.3f} {row['decision']}"
+            text += " (already done)" if row["status"] == "skipped" else ""
+        stderr.print(text, highlight=False, markup=False, soft_wrap=True)
+
+    result = run_inference(input_path, model, out, options, on_study=show)
+    stdout.print(
+        f"{len(result.done)} studies reported ({len(result.skipped)} already done), {len(result.failed)} failed "
+        f"in {result.seconds:.1f} s",
+        highlight=False,
+    )
+    stdout.print(f"worklist: {result.index.resolve()}", highlight=False, soft_wrap=True)
+    if result.failed and not result.done:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

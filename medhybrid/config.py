@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -124,9 +124,23 @@ class TrainConfig(Strict):
     amp: bool = Field(True, description="bf16 autocast on CUDA (never on CPU)")
 
 
+class MinSensitivity(Strict):
+    """Operating point: the highest threshold whose validation sensitivity is at least this."""
+
+    min_sensitivity: float = Field(gt=0.0, le=1.0)
+
+
 class EvalConfig(Strict):
+    """Validation metrics, model selection and the operating point stored with the weights.
+
+    ``operating_point`` is the decision threshold on the probability of abnormality that inference
+    applies: ``youden`` (maximises sensitivity + specificity - 1 on the validation set at the best
+    epoch), ``{min_sensitivity: 0.9}``, or a fixed probability in (0, 1).
+    """
+
     metrics: tuple[Literal["auroc", "accuracy", "dice", "loss"], ...] = ("auroc", "loss")
     select: Literal["auroc", "accuracy", "dice", "loss"] = "auroc"
+    operating_point: Literal["youden"] | MinSensitivity | Annotated[float, Field(gt=0.0, lt=1.0)] = "youden"
 
     @model_validator(mode="after")
     def _select_is_computed(self) -> EvalConfig:

@@ -243,3 +243,9 @@ class TrainingError(MedHybridError):
     """A training run cannot start or continue (run folder, resume, diverged loss)."""
 
     code = "training"
+
+
+class InferenceError(MedHybridError):
+    """Inference cannot run (output folder, model/input mismatch) or one study could not be reported."""
+
+    code = "inference"

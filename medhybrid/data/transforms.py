@@ -41,14 +41,15 @@ from medhybrid.config import CT_WINDOWS, DataConfig
 from medhybrid.errors import InputError, MedHybridError
 from medhybrid.io.readers import read_image
 from medhybrid.io.scan import load_study
+from medhybrid.io.study import Study
 
 Mode = Literal["train", "val", "infer"]
 IMAGE, MASK, LABEL = "image", "mask", "label"
 
 
 class LoadStudyd(MapTransform):
-    """Read ``image`` (any source :func:`load_study` takes: file, DICOM file or folder) and ``mask``
-    into channel-first ``MetaTensor`` s carrying the RAS affine.
+    """Read ``image`` (any source :func:`load_study` takes: file, DICOM file or folder, or a loaded
+    :class:`Study`) and ``mask`` into channel-first ``MetaTensor`` s carrying the RAS affine.
 
     MONAI's ``LoadImaged`` is not used because our reader does the DICOM series selection, geometry
     checks and typed errors that the rest of medhybrid relies on.
@@ -62,7 +63,10 @@ class LoadStudyd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             path = d[key]
-            study = read_image(path, dtype=np.int16) if key == MASK else load_study(path)
+            if isinstance(path, Study):  # already loaded (inference selects and reads series itself)
+                study, path = path, path.source
+            else:
+                study = read_image(path, dtype=np.int16) if key == MASK else load_study(path)
             # Study arrays are (I, J, K[, C]); MONAI wants channels first.
             array = np.moveaxis(study.array, -1, 0) if study.array.ndim == 4 else study.array[None]
             if self.spatial_dims == 2:

@@ -12,6 +12,16 @@ import nibabel as nib
 import numpy as np
 
 
+def _default_mode() -> int:
+    """The permissions ``open()`` would give a new file (0666 minus the umask); mkstemp gives 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _default_mode()
+
+
 def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> Path:
     """Write ``data`` to a hidden temporary file next to ``path``, then ``os.replace`` it into place.
 
@@ -22,6 +32,7 @@ def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             if fsync:
@@ -34,11 +45,19 @@ def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> Path:
     return path
 
 
-def nifti_bytes(array: np.ndarray, affine: np.ndarray, *, description: str = "", compresslevel: int = 6) -> bytes:
+def nifti_bytes(
+    array: np.ndarray,
+    affine: np.ndarray,
+    *,
+    description: str = "",
+    compresslevel: int = 6,
+    slope: float | None = None,
+) -> bytes:
     """A ``.nii.gz`` file's bytes, deterministic: gzip with mtime 0 and no file name.
 
     ``array`` is stored with its own dtype; ``affine`` (RAS) goes to both sform and qform (qform only if
-    it has no shear, which NIfTI's qform cannot express).
+    it has no shear, which NIfTI's qform cannot express). ``slope`` sets ``scl_slope`` (readers see
+    ``stored * slope``), e.g. ``1 / 255`` for a [0, 1] map stored as uint8.
     """
     affine = np.asarray(affine, dtype=float)
     img = nib.Nifti1Image(np.asarray(array), affine)
@@ -49,6 +68,8 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray, *, description: str = "",
         img.header.set_qform(affine, code=1, strip_shears=False)
     except nib.spatialimages.HeaderDataError:
         img.header.set_qform(affine, code=0)  # sheared: the sform carries the geometry
+    if slope is not None:
+        img.header.set_slope_inter(slope, 0.0)
     if description:
         img.header["descrip"] = description.encode("ascii", "replace")[:79]
     return gzip.compress(img.to_bytes(), compresslevel=compresslevel, mtime=0)

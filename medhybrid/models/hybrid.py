@@ -168,13 +168,26 @@ class HybridModel(MedModel):
             out["seg_logits"] = self.decoder(tokens, fmap.shape[2:], feats[-2::-1], x.shape[2:])
         return out
 
+    def forward_explained(
+        self, x: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], tuple[int, ...]]:
+        """``forward`` plus what saliency needs, in one pass: the outputs, the attention weights of every
+        block ``(B, heads, N + 1, N + 1)`` (CLS token first) and the token grid (``N = prod(grid)``)."""
+        feats = self.forward_features(x)
+        fmap = feats[-1]
+        cls, tokens, maps = self.context(fmap, return_attention=True)
+        assert maps is not None  # return_attention=True always returns the list
+        out: dict[str, torch.Tensor] = {}
+        if self.cls_head is not None:
+            out["logits"] = self.cls_head(cls, fmap)
+        if self.decoder is not None:
+            out["seg_logits"] = self.decoder(tokens, fmap.shape[2:], feats[-2::-1], x.shape[2:])
+        return out, maps, tuple(int(s) for s in fmap.shape[2:])
+
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Attention weights of every block, ``(B, heads, N + 1, N + 1)`` with the CLS token first,
         for a token grid of ``forward_features(x)[-1].shape[2:]``."""
-        fmap = self.forward_features(x)[-1]
-        _, _, maps = self.context(fmap, return_attention=True)
-        assert maps is not None  # return_attention=True always returns the list
-        return maps
+        return self.forward_explained(x)[1]
 
 
 def _hybrid(defaults: dict[str, Any], overrides: dict[str, Any]) -> HybridModel:

@@ -21,7 +21,7 @@ from monai.metrics import DiceMetric
 from monai.transforms import Compose
 from torch import nn
 
-from medhybrid.config import PipelineConfig
+from medhybrid.config import EvalConfig, MinSensitivity, PipelineConfig
 from medhybrid.data.transforms import IMAGE, LABEL, MASK
 from medhybrid.runtime import autocast
 from medhybrid.train import distributed as dist_utils
@@ -60,7 +60,7 @@ class Validator:
         records = [self._score(model, i, self.data[k]) for k, i in enumerate(self.indices)]
         everything = [r for part in dist_utils.gather_objects(self.info, records) for r in part]
         everything.sort(key=lambda r: r["index"])
-        return compute_metrics(everything, self.cfg.eval.metrics, self.num_classes, self.seg_classes)
+        return compute_metrics(everything, self.cfg.eval.metrics, self.num_classes, self.seg_classes, self.cfg.eval)
 
     def _score(self, model: nn.Module, index: int, sample: dict[str, Any]) -> dict[str, Any]:
         image = sample[IMAGE][None].to(self.device)
@@ -104,9 +104,17 @@ def dice_per_class(pred: torch.Tensor, mask: torch.Tensor, n_classes: int) -> li
 
 
 def compute_metrics(
-    records: Sequence[dict[str, Any]], metrics: Sequence[str], num_classes: int, seg_classes: int
+    records: Sequence[dict[str, Any]],
+    metrics: Sequence[str],
+    num_classes: int,
+    seg_classes: int,
+    rule: EvalConfig | None = None,
 ) -> dict[str, Any]:
-    """Metrics over per-study records (``probs``/``label``, ``dice``, ``loss``)."""
+    """Metrics over per-study records (``probs``/``label``, ``dice``, ``loss``).
+
+    With class probabilities and both normal (label 0) and abnormal cases present, ``operating_point``
+    holds the threshold chosen by ``rule.operating_point`` (see :func:`operating_point`).
+    """
     from sklearn.metrics import roc_auc_score
 
     out: dict[str, Any] = {"n": len(records)}
@@ -126,6 +134,8 @@ def compute_metrics(
                 out["auroc"] = float(
                     roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=list(range(num_classes)))
                 )
+        if np.any(labels == 0) and np.any(labels != 0):
+            out["operating_point"] = operating_point(labels != 0, abnormality(probs), rule)
     if records and "dice" in records[0] and "dice" in metrics:
         per_case = np.asarray([r["dice"] for r in records], dtype=np.float64)  # (N, classes - 1)
         with np.errstate(invalid="ignore"):
@@ -133,6 +143,49 @@ def compute_metrics(
         out["dice_per_class"] = [float(v) for v in per_class]
         out["dice"] = float(np.nanmean(per_class)) if per_class.size else math.nan
     return out
+
+
+def abnormality(probs: np.ndarray) -> np.ndarray:
+    """Probability of abnormality from class probabilities ``(N, C)``: ``1 - p(class 0)``.
+
+    Class 0 is the normal (reference) class by medhybrid's convention; for two classes this is ``p(class 1)``.
+    """
+    return 1.0 - np.asarray(probs, dtype=np.float64)[:, 0]
+
+
+def operating_point(abnormal: np.ndarray, score: np.ndarray, rule: EvalConfig | None = None) -> dict[str, Any]:
+    """The decision threshold on ``score`` (probability of abnormality) and its sensitivity/specificity.
+
+    ``abnormal`` is the boolean truth. A case is called abnormal when ``score >= threshold``. Rules
+    (``rule.operating_point``): ``youden`` maximises sensitivity + specificity - 1 (ties: the higher
+    threshold); ``MinSensitivity`` takes the highest threshold reaching the sensitivity; a float is used as
+    given. The ROC points come from scikit-learn's ``roc_curve``.
+    """
+    from sklearn.metrics import roc_curve
+
+    abnormal = np.asarray(abnormal, dtype=bool)
+    score = np.asarray(score, dtype=np.float64)
+    choice = rule.operating_point if rule is not None else "youden"
+    fpr, tpr, thresholds = roc_curve(abnormal, score, drop_intermediate=False)
+    # thresholds[0] is +inf (nothing called abnormal); it is never an operating point
+    fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]
+    if isinstance(choice, float):
+        threshold, method = float(choice), "fixed"
+    elif isinstance(choice, MinSensitivity):
+        reach = np.flatnonzero(tpr >= choice.min_sensitivity)
+        threshold, method = float(thresholds[reach[0]]), f"min_sensitivity={choice.min_sensitivity:g}"
+    else:
+        j = tpr - fpr
+        threshold, method = float(thresholds[int(np.flatnonzero(j == j.max())[0])]), "youden"
+    called = score >= threshold
+    return {
+        "threshold": min(max(threshold, 0.0), 1.0),
+        "method": method,
+        "sensitivity": float(called[abnormal].mean()),
+        "specificity": float((~called[~abnormal]).mean()),
+        "n_abnormal": int(abnormal.sum()),
+        "n_normal": int((~abnormal).sum()),
+    }
 
 
 def is_better(value: float, best: float | None, metric: str) -> bool:

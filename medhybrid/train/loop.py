@@ -237,6 +237,7 @@ class Trainer:
                     loader.batch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
                     train_loss = self._train_epoch(net, model, loader, loss_fn, optimizer, scheduler, epoch)
                     metrics = validator.run(model)
+                    op_point = metrics.pop("operating_point", None)
                     epoch, stage_epoch = epoch + 1, stage_epoch + 1
                     value = metrics.get(select, math.nan)
                     improved = is_better(value, best_value, select)
@@ -266,6 +267,7 @@ class Trainer:
                         "epoch": best_epoch,
                         "bad_epochs": bad_epochs,
                         "stage_stopped": stopped,
+                        "operating_point": op_point,
                     }
                     if info.is_main:
                         payload = self._payload(model, optimizer, scheduler, s, stage_epoch, epoch, history, best_state)
@@ -364,6 +366,8 @@ class Trainer:
             "stage_epoch": stage_epoch,
             "epoch": epoch,
             "best": best,
+            # the decision threshold inference applies, from this epoch's validation (None: no labels)
+            "operating_point": best.get("operating_point"),
             "history": history,
             "world_size": self.info.world_size,
         }

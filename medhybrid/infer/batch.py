@@ -1,0 +1,615 @@
+"""``medhybrid infer``: a folder of studies (or one study, or a manifest) to one report folder per study.
+
+Layout of ``OUT``::
+
+    index.html, summary.csv, infer.log
+    <study_key>/report.json, report.html, thumb.png, mask.nii.gz,
+                saliency_gradcam.nii.gz, saliency_attention.nii.gz, seg.dcm, sr.dcm (DICOM input)
+
+Robustness: studies are found first (DICOM headers only, grouped by study, one series chosen by the
+selection rules); each is then loaded, inferred and written on its own, and a failure is recorded (in
+``summary.csv`` and ``index.html``, with its typed error) without stopping the others. A study's files
+are written into ``OUT/.partial-<key>/`` and the folder is renamed to ``OUT/<key>/`` only when all of
+them exist, so a killed run leaves no half report; partial folders are removed by the next run, which
+skips studies whose folder is complete unless ``overwrite``.
+
+Patient data: folder names are pseudonymous study keys; no PatientName, PatientID or birth date is read
+unless ``include_phi`` (then they go into report.json/html and the DICOM SEG/SR keep them).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medhybrid import __version__
+from medhybrid.errors import InferenceError, InputError, MedHybridError
+from medhybrid.infer.predictor import Prediction, Predictor
+from medhybrid.infer.render import DisplayFrame, index_html, render_panels, report_html, window_for
+from medhybrid.infer.report import (
+    Lesion,
+    ModelInfo,
+    OperatingPoint,
+    Outputs,
+    QCFlag,
+    Saliency,
+    Source,
+    StudyReport,
+    jsonable,
+    measure_lesions,
+)
+from medhybrid.infer.resample import argmax_labels, to_native, to_uint8
+from medhybrid.io.dicom import DicomSeries, discover_dicom, load_series
+from medhybrid.io.dicom_files import FileProblem, iter_files
+from medhybrid.io.geometry import IngestOptions
+from medhybrid.io.manifest import read_manifest
+from medhybrid.io.readers import image_format, read_image
+from medhybrid.io.select import SelectionRules, select_series
+from medhybrid.io.study import Study, study_key
+from medhybrid.io.writers import atomic_write_bytes, nifti_bytes
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "report.json"
+PARTIAL_PREFIX = ".partial-"
+OLD_PREFIX = ".old-"
+# Image files that are label maps, not studies, when a folder is scanned (synth, MSD and most exports).
+DEFAULT_EXCLUDE = ("*_mask.*", "*_seg.*", "*_label.*", "*_labels.*", "*_labelmap.*")
+SUMMARY_FIELDS = (
+    "rank",
+    "study_key",
+    "status",
+    "probability",
+    "decision",
+    "threshold",
+    "lesion_ml",
+    "lesion_components",
+    "qc_verdict",
+    "source",
+    "manifest_id",
+    "report",
+    "error",
+    "reason",
+)
+SALIENCY_DESCRIPTIONS = {
+    "gradcam": "Grad-CAM on the encoder's last stage; uint8 with scl_slope 1/255, so readers see [0, 1]",
+    "attention": "attention rollout of the Transformer; uint8 with scl_slope 1/255, so readers see [0, 1]",
+}
+
+
+@dataclass
+class StudyTask:
+    """One study to infer: where it is, and (DICOM) the selected series, or why none could be chosen."""
+
+    key: str
+    source: Path
+    kind: str  # "dicom" or "image"
+    series: DicomSeries | None = None
+    manifest_id: str | None = None
+    error: MedHybridError | None = None
+
+
+@dataclass
+class InferOptions:
+    tta: bool = False
+    device: str = "auto"
+    overwrite: bool = False
+    include_phi: bool = False
+    threshold: float | None = None
+    rules: SelectionRules = field(default_factory=SelectionRules)
+    ingest: IngestOptions | None = None
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    dicom_outputs: bool = True
+
+
+@dataclass
+class InferResult:
+    out: Path
+    done: list[dict[str, Any]]
+    skipped: list[str]
+    failed: list[dict[str, Any]]
+    seconds: float
+    timings: dict[str, float]
+
+    @property
+    def index(self) -> Path:
+        return self.out / "index.html"
+
+
+# --- finding studies -------------------------------------------------------------------------------
+def find_studies(input_path: Path, options: InferOptions) -> tuple[list[StudyTask], list[FileProblem]]:
+    """Every study under ``input_path`` (a folder at any depth, one file, or a manifest ``.csv``).
+
+    Returns the tasks (a study whose series cannot be chosen carries its error) and the files that
+    were rejected while reading headers.
+
+    Raises:
+        InputError: ``input_path`` does not exist; ManifestError for a bad manifest.
+    """
+    input_path = Path(input_path)
+    if not input_path.exists():
+        raise InputError("input not found", path=input_path, fix="give a folder of studies, a study, or a manifest")
+    if input_path.is_file() and input_path.suffix.lower() == ".csv":
+        return _from_manifest(input_path, options)
+    if input_path.is_file() and image_format(input_path):
+        return [_image_task(input_path)], []
+    files = [input_path] if input_path.is_file() else list(iter_files(input_path))
+    images = [p for p in files if image_format(p) and not _excluded(p, options.exclude)]
+    dicom_files = [p for p in files if not image_format(p)]
+    tasks, problems = _dicom_tasks(input_path, dicom_files, options)
+    tasks += [_image_task(p) for p in images]
+    return tasks, problems
+
+
+def _excluded(path: Path, patterns: tuple[str, ...]) -> bool:
+    return any(path.match(p) for p in patterns)
+
+
+def _image_task(path: Path, manifest_id: str | None = None) -> StudyTask:
+    return StudyTask(key=study_key(str(path.resolve())), source=path, kind="image", manifest_id=manifest_id)
+
+
+def _dicom_tasks(
+    root: Path, files: list[Path], options: InferOptions, manifest_id: str | None = None
+) -> tuple[list[StudyTask], list[FileProblem]]:
+    found = discover_dicom(root, options.ingest, files=files)
+    by_study: dict[str, list[DicomSeries]] = defaultdict(list)
+    for series in found.series:
+        by_study[series.study_key].append(series)
+    tasks = []
+    for key, group in by_study.items():
+        task = StudyTask(key=key, source=group[0].headers[0].path.parent, kind="dicom", manifest_id=manifest_id)
+        try:
+            task.series = select_series(group, options.rules)
+            task.source = task.series.headers[0].path.parent
+        except MedHybridError as exc:
+            task.error = exc
+        tasks.append(task)
+    return tasks, list(found.rejected)
+
+
+def _from_manifest(path: Path, options: InferOptions) -> tuple[list[StudyTask], list[FileProblem]]:
+    manifest = read_manifest(path)
+    tasks: list[StudyTask] = []
+    problems: list[FileProblem] = []
+    for row in manifest.rows:
+        image = Path(row.image)
+        if image.is_file() and image_format(image):
+            tasks.append(_image_task(image, row.study_id))
+            continue
+        if not image.exists():
+            tasks.append(
+                StudyTask(
+                    key=study_key(str(image)),
+                    source=image,
+                    kind="image",
+                    manifest_id=row.study_id,
+                    error=InputError("image not found", path=image, fix="fix the manifest row"),
+                )
+            )
+            continue
+        files = [image] if image.is_file() else list(iter_files(image))
+        found, rejected = _dicom_tasks(image, files, options, row.study_id)
+        problems += rejected
+        if len(found) != 1:
+            tasks.append(
+                StudyTask(
+                    key=study_key(str(image.resolve())),
+                    source=image,
+                    kind="dicom",
+                    manifest_id=row.study_id,
+                    error=InputError(
+                        f"{len(found)} DICOM studies at a manifest row's image (one expected)",
+                        path=image,
+                        fix="point the row at one study's folder",
+                    ),
+                )
+            )
+        else:
+            tasks += found
+    return tasks, problems
+
+
+# --- the run ---------------------------------------------------------------------------------------
+def run_inference(
+    input_path: Path,
+    model: Path,
+    out: Path,
+    options: InferOptions | None = None,
+    on_study: Callable[[dict[str, Any]], None] | None = None,
+) -> InferResult:
+    """Infer every study under ``input_path`` with the model at ``model`` (run folder or checkpoint).
+
+    Args:
+        on_study: called after each study with its summary row (also for skipped and failed studies).
+
+    Raises:
+        InputError, CheckpointError, InferenceError: the run cannot start (nothing is written then,
+        beyond the output folder). Per-study problems never raise: they are recorded.
+    """
+    options = options or InferOptions()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InferenceError("output exists and is not a folder", path=out, fix="choose another --out")
+    predictor = Predictor(model, device=options.device, tta=options.tta, threshold=options.threshold)
+    tasks, rejected = find_studies(input_path, options)
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_partials(out)
+    handler = _file_log(out / "infer.log")
+    t_start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    totals: dict[str, float] = defaultdict(float)
+    seen: set[str] = set()
+    try:
+        logger.info(
+            "infer: %d studies under %s with %s (threshold %.3f, %s)",
+            len(tasks),
+            input_path,
+            predictor.model_name,
+            predictor.threshold,
+            predictor.operating_point.get("method"),
+        )
+        for problem in rejected:
+            logger.info("rejected file %s: %s", problem.path, problem.reason)
+        for task in tasks:
+            source = _relative(task.source, Path(input_path))
+            final = out / task.key
+            if task.key in seen:
+                task.error = InputError("the same study was found twice; reported once", path=task.source)
+            seen.add(task.key)
+            if task.error is None and (final / REPORT_FILE).is_file() and not options.overwrite:
+                row = _row_from_report(final / REPORT_FILE)
+                if row is not None:
+                    skipped.append(task.key)
+                    rows.append(row)
+                    _notify(on_study, {**row, "status": "skipped"})
+                    continue
+            try:
+                if task.error is not None:
+                    raise task.error
+                report, timings = _process(task, predictor, out, source, options)
+            except MedHybridError as exc:
+                failed.append(_failure(task, source, exc.code, str(exc)))
+                logger.warning("study %s failed: %s", task.key, exc)
+                _notify(on_study, failed[-1])
+            except Exception as exc:  # a bug or a library error on odd data: record it, go on
+                failed.append(_failure(task, source, type(exc).__name__, str(exc)[:300]))
+                logger.exception("study %s failed unexpectedly", task.key)
+                _notify(on_study, failed[-1])
+            else:
+                for k, v in timings.items():
+                    totals[k] += v
+                row = _row(report)
+                rows.append(row)
+                logger.info(
+                    "study %s: p=%.3f %s (%.2f s)", task.key, report.probability, report.decision, timings["total"]
+                )
+                _notify(on_study, row)
+            _write_summary(out, rows, failed, predictor, input_path)
+        _write_summary(out, rows, failed, predictor, input_path)
+    finally:
+        logging.getLogger("medhybrid").removeHandler(handler)
+        handler.close()
+    seconds = time.perf_counter() - t_start
+    return InferResult(out, rows, skipped, failed, seconds, dict(totals))
+
+
+def _notify(on_study: Callable[[dict[str, Any]], None] | None, row: dict[str, Any]) -> None:
+    if on_study is not None:
+        on_study(row)
+
+
+def _failure(task: StudyTask, source: str, code: str, reason: str) -> dict[str, Any]:
+    return {
+        "study_key": task.key,
+        "status": "failed",
+        "source": source,
+        "manifest_id": task.manifest_id or "",
+        "error": code,
+        "reason": reason,
+    }
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        base = root if root.is_dir() else root.parent
+        return str(Path(path).resolve().relative_to(base.resolve())) or "."
+    except ValueError:
+        return str(path)
+
+
+def _file_log(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    log = logging.getLogger("medhybrid")
+    log.addHandler(handler)
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+    return handler
+
+
+def _clean_partials(out: Path) -> None:
+    """Remove what a killed run left: partial study folders, replaced folders, temp files."""
+    for entry in out.iterdir():
+        if entry.name.startswith((PARTIAL_PREFIX, OLD_PREFIX)) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
+            entry.unlink(missing_ok=True)
+
+
+# --- one study -------------------------------------------------------------------------------------
+def _process(
+    task: StudyTask, predictor: Predictor, out: Path, source: str, options: InferOptions
+) -> tuple[StudyReport, dict[str, float]]:
+    t0 = time.perf_counter()
+    study = load_series(task.series) if task.series is not None else read_image(task.source)
+    t_load = time.perf_counter() - t0
+    _check_dims(study, predictor, task)
+    pred = predictor.predict(study)
+    t1 = time.perf_counter()
+    labels = (
+        to_native(pred.seg_probs, pred.affine, study.affine, study.spatial_shape, argmax_labels)
+        if pred.seg_probs is not None
+        else None
+    )
+    saliency = {
+        m: to_native(v, pred.affine, study.affine, study.spatial_shape, to_uint8) for m, v in pred.saliency.items()
+    }
+    t_resample = time.perf_counter() - t1
+    partial = out / f"{PARTIAL_PREFIX}{task.key}"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir()
+    t2 = time.perf_counter()
+    report = _build_report(task, study, pred, predictor, labels, saliency, source, options)
+    _write_outputs(partial, task, study, report, predictor, labels, saliency, options)
+    timings = {
+        "load": t_load,
+        "preprocess": pred.timings["preprocess"],
+        "model": pred.timings["model"],
+        "resample": t_resample,
+    }
+    timings["write"] = time.perf_counter() - t2
+    timings["total"] = time.perf_counter() - t0
+    report.timings_s = {k: round(v, 4) for k, v in timings.items()}
+    atomic_write_bytes(partial / REPORT_FILE, report.to_json())
+    _commit(partial, out / task.key)
+    return report, timings
+
+
+def _check_dims(study: Study, predictor: Predictor, task: StudyTask) -> None:
+    if predictor.data_cfg.spatial_dims == 2 and not study.is_2d:
+        raise InferenceError(
+            f"the model is 2D and the study is a volume of {study.spatial_shape[2]} slices",
+            path=task.source,
+            fix="use a 3D model for volumes, or give single-slice images",
+        )
+
+
+def _commit(partial: Path, final: Path) -> None:
+    """Move a complete study folder into place (replacing an old one only after the new one exists)."""
+    if final.exists():
+        old = final.with_name(f"{OLD_PREFIX}{final.name}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+
+
+def _qc_flags(study: Study, predictor: Predictor) -> list[QCFlag]:
+    flags = [QCFlag(level=r.level.value, code=r.code, message=r.message) for r in study.qc.reasons]
+    if "none stored" in str(predictor.operating_point.get("method")):
+        flags.append(
+            QCFlag(
+                level="warn",
+                code="no_operating_point",
+                message=f"the checkpoint stores no operating point; threshold {predictor.threshold} is a default",
+            )
+        )
+    expected = predictor.data_cfg.modality
+    if expected and study.modality not in ("OT", expected):
+        flags.append(
+            QCFlag(
+                level="warn",
+                code="modality_mismatch",
+                message=f"the model was trained on {expected}, this study is {study.modality}",
+            )
+        )
+    return flags
+
+
+def _build_report(
+    task: StudyTask,
+    study: Study,
+    pred: Prediction,
+    predictor: Predictor,
+    labels: np.ndarray | None,
+    saliency: dict[str, np.ndarray],
+    source: str,
+    options: InferOptions,
+) -> StudyReport:
+    lesions: list[Lesion] = []
+    if labels is not None:
+        names = predictor.mask_label_names or {i: f"class {i}" for i in range(int(pred.seg_probs.shape[0]))}  # type: ignore[union-attr]
+        lesions = measure_lesions(labels, study.spacing, names)
+    flags = _qc_flags(study, predictor)
+    verdict = max((f.level for f in flags), key=("ok", "warn", "reject").index, default="ok")
+    class_probs = None
+    if pred.class_probs is not None:
+        class_probs = {
+            predictor.label_names.get(i, f"class {i}"): round(float(p), 6) for i, p in enumerate(pred.class_probs)
+        }
+    op = {k: v for k, v in jsonable(predictor.operating_point).items() if k in OperatingPoint.model_fields}
+    return StudyReport(
+        study_key=task.key,
+        probability=round(min(max(pred.probability, 0.0), 1.0), 6),
+        decision="abnormal" if pred.probability >= predictor.threshold else "normal",
+        operating_point=OperatingPoint(**op),
+        class_probabilities=class_probs,
+        lesions=lesions,
+        qc=flags,
+        qc_verdict=verdict,
+        model=ModelInfo(
+            name=predictor.model_name,
+            weights_sha256=predictor.weights_sha256,
+            checkpoint=predictor.path.name,
+            task=predictor.task,
+            medhybrid_version=__version__,
+        ),
+        source=Source(
+            format=study.source_format,
+            path=source,
+            modality=study.modality,
+            shape=list(study.shape),
+            spacing_mm=[round(s, 6) for s in study.spacing],
+            series_uid=study.series_uid,
+            description=str(study.metadata.get("SeriesDescription")) if study.metadata.get("SeriesDescription") else None,
+            manifest_id=task.manifest_id,
+        ),
+        outputs=Outputs(
+            mask="mask.nii.gz" if labels is not None else None,
+            saliency=[
+                Saliency(method=m, file=f"saliency_{m}.nii.gz", description=SALIENCY_DESCRIPTIONS[m])  # type: ignore[arg-type]
+                for m in saliency
+            ],
+            dicom_seg="seg.dcm" if labels is not None and task.series is not None and options.dicom_outputs else None,
+            dicom_sr="sr.dcm" if task.series is not None and options.dicom_outputs else None,
+        ),
+        timings_s={},
+        tta=predictor.tta,
+        patient=_patient(task) if options.include_phi else None,
+    )
+
+
+def _patient(task: StudyTask) -> dict[str, str] | None:
+    """PatientName/ID/BirthDate of a DICOM study (only called with --include-phi)."""
+    if task.series is None:
+        return None
+    import pydicom
+
+    ds = pydicom.dcmread(
+        task.series.headers[0].path, stop_before_pixels=True, specific_tags=["PatientName", "PatientID", "PatientBirthDate"]
+    )
+    return {k: str(ds.get(k, "")) for k in ("PatientName", "PatientID", "PatientBirthDate")}
+
+
+def _write_outputs(
+    folder: Path,
+    task: StudyTask,
+    study: Study,
+    report: StudyReport,
+    predictor: Predictor,
+    labels: np.ndarray | None,
+    saliency: dict[str, np.ndarray],
+    options: InferOptions,
+) -> None:
+    if labels is not None:
+        atomic_write_bytes(folder / "mask.nii.gz", nifti_bytes(labels, study.affine, description="medhybrid mask", compresslevel=1))
+    for method, values in saliency.items():
+        atomic_write_bytes(
+            folder / f"saliency_{method}.nii.gz",
+            nifti_bytes(values, study.affine, description=f"medhybrid {method}", compresslevel=1, slope=1.0 / 255.0),
+        )
+    if task.series is not None and options.dicom_outputs:
+        _write_dicom(folder, task.series, report, predictor, labels, options)
+    frame = DisplayFrame(study.affine, study.spacing, reorient=study.source_format not in ("png", "medmnist"))
+    window = window_for(study.modality, predictor.data_cfg.intensity, study.array)
+    slices, thumb = render_panels(study.array, labels, saliency, frame, window)
+    atomic_write_bytes(folder / "thumb.png", thumb)
+    atomic_write_bytes(folder / "report.html", report_html(report.model_dump(mode="json"), slices, predictor.card))
+
+
+def _write_dicom(
+    folder: Path,
+    series: DicomSeries,
+    report: StudyReport,
+    predictor: Predictor,
+    labels: np.ndarray | None,
+    options: InferOptions,
+) -> None:
+    from medhybrid.infer.dicom_out import AlgorithmInfo, Findings, LesionFinding, source_datasets, write_seg, write_sr
+
+    algorithm = AlgorithmInfo(
+        name=f"medhybrid {predictor.model_name}",
+        version=f"{__version__}+{predictor.weights_sha256[:8]}",
+        weights_sha256=predictor.weights_sha256,
+    )
+    sources = source_datasets(series.headers)
+    seg = None
+    if labels is not None:
+        names = {k: v for k, v in predictor.mask_label_names.items() if k != 0} or {1: "lesion"}
+        seg = write_seg(
+            labels, series.headers, names, algorithm, folder / "seg.dcm", include_phi=options.include_phi, sources=sources
+        )
+    findings = Findings(
+        probability=report.probability,
+        decision=report.decision,
+        threshold=report.operating_point.threshold,
+        lesions=tuple(
+            LesionFinding(label=les.label, name=les.name, volume_ml=les.volume_ml, components=les.components)
+            for les in report.lesions
+        ),
+    )
+    write_sr(findings, series.headers, seg, algorithm, folder / "sr.dcm", include_phi=options.include_phi, sources=sources)
+
+
+# --- summary ---------------------------------------------------------------------------------------
+def _row(report: StudyReport) -> dict[str, Any]:
+    return {
+        "study_key": report.study_key,
+        "status": "ok",
+        "probability": report.probability,
+        "decision": report.decision,
+        "threshold": report.operating_point.threshold,
+        "lesion_ml": round(sum(les.volume_ml for les in report.lesions), 3) if report.lesions else "",
+        "lesion_components": sum(les.components for les in report.lesions) if report.lesions else "",
+        "qc_verdict": report.qc_verdict,
+        "source": report.source.path,
+        "manifest_id": report.source.manifest_id or "",
+        "report": f"{report.study_key}/report.html",
+        "thumbnail": True,
+        "error": "",
+        "reason": "",
+    }
+
+
+def _row_from_report(path: Path) -> dict[str, Any] | None:
+    """The summary row of a finished study (None if its report is unreadable: the study is redone)."""
+    try:
+        return _row(StudyReport.model_validate(json.loads(path.read_text(encoding="utf-8"))))
+    except Exception:  # an old or damaged report: infer the study again
+        return None
+
+
+def _write_summary(
+    out: Path, rows: list[dict[str, Any]], failed: list[dict[str, Any]], predictor: Predictor, input_path: Path
+) -> None:
+    ranked = sorted(rows, key=lambda r: (-float(r["probability"]), r["study_key"]))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for n, row in enumerate(ranked, 1):
+        writer.writerow({**row, "rank": n})
+    for row in failed:
+        writer.writerow({**row, "rank": ""})
+    atomic_write_bytes(out / "summary.csv", buf.getvalue().encode("utf-8"))
+    meta = {"model": predictor.model_name, "threshold": predictor.threshold, "input": str(input_path)}
+    atomic_write_bytes(out / "index.html", index_html(ranked, failed, meta))

@@ -1,0 +1,154 @@
+"""The per-study report (``report.json``): its schema as pydantic models, and the lesion measurements.
+
+The schema is documented in ``docs/report-schema.md``, which embeds the JSON Schema generated from
+:class:`StudyReport` (a test checks the two agree). ``schema_version`` changes when a field changes
+meaning or disappears; new optional fields do not change it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from scipy import ndimage
+
+SCHEMA_VERSION = "1.0"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelInfo(_Model):
+    name: str = Field(description="registered model name, e.g. hybrid_r18_3d")
+    weights_sha256: str = Field(description="SHA-256 of the checkpoint file the weights came from")
+    checkpoint: str = Field(description="file name of the checkpoint")
+    task: str = Field(description="classification, segmentation or multitask")
+    medhybrid_version: str
+
+
+class OperatingPoint(_Model):
+    threshold: float = Field(description="a study is called abnormal when probability >= threshold")
+    method: str = Field(description="how the threshold was chosen: youden, min_sensitivity=..., fixed, ...")
+    sensitivity: float | None = Field(None, description="on the validation set it was chosen on")
+    specificity: float | None = None
+    n_abnormal: int | None = None
+    n_normal: int | None = None
+
+
+class Lesion(_Model):
+    label: int = Field(description="value in mask.nii.gz")
+    name: str
+    volume_ml: float = Field(description="voxel count x voxel volume in the scan's own geometry, in mL")
+    components: int = Field(description="connected components (26-connected in 3D, 8 in 2D)")
+    voxels: int
+    largest_component_ml: float
+
+
+class QCFlag(_Model):
+    level: Literal["ok", "warn", "reject"]
+    code: str
+    message: str
+
+
+class Source(_Model):
+    format: str = Field(description="dicom, nifti, nrrd, mha or png")
+    path: str = Field(description="the study's file or folder, relative to the input when inside it")
+    modality: str
+    shape: list[int] = Field(description="voxels along i, j, k (and channels)")
+    spacing_mm: list[float]
+    series_uid: str | None = None
+    description: str | None = Field(None, description="SeriesDescription (DICOM)")
+    manifest_id: str | None = Field(None, description="study_id when the input is a manifest")
+
+
+class Saliency(_Model):
+    method: Literal["gradcam", "attention"]
+    file: str
+    description: str
+
+
+class Outputs(_Model):
+    mask: str | None = Field(None, description="label map in the input's geometry (NIfTI)")
+    saliency: list[Saliency] = []
+    dicom_seg: str | None = None
+    dicom_sr: str | None = None
+    html: str = "report.html"
+    thumbnail: str = "thumb.png"
+
+
+class StudyReport(_Model):
+    """``report.json``: everything ``medhybrid infer`` concluded about one study."""
+
+    schema_version: str = SCHEMA_VERSION
+    study_key: str = Field(description="pseudonymous key: s + 16 hex digits of sha256(StudyInstanceUID or path)")
+    status: Literal["ok"] = "ok"
+    probability: float = Field(ge=0.0, le=1.0, description="probability of abnormality, 1 - p(normal class)")
+    decision: Literal["abnormal", "normal"]
+    operating_point: OperatingPoint
+    class_probabilities: dict[str, float] | None = Field(None, description="per class name; None without a classifier")
+    lesions: list[Lesion] = Field(description="per foreground mask class; empty without a segmentation output")
+    qc: list[QCFlag] = Field(description="ingestion QC findings plus inference's own (e.g. no operating point)")
+    qc_verdict: Literal["ok", "warn", "reject"]
+    model: ModelInfo
+    source: Source
+    outputs: Outputs
+    timings_s: dict[str, float] = Field(description="load, preprocess, model, resample, write, total")
+    tta: bool
+    created_by: str = "medhybrid infer"
+    patient: dict[str, str] | None = Field(None, description="PatientName/ID/BirthDate, only with --include-phi")
+
+    def to_json(self) -> bytes:
+        return (json.dumps(self.model_dump(mode="json"), indent=2, allow_nan=False) + "\n").encode()
+
+
+def schema_markdown() -> str:
+    """The JSON Schema of :class:`StudyReport`, pretty-printed (embedded in docs/report-schema.md)."""
+    return json.dumps(StudyReport.model_json_schema(), indent=2, sort_keys=True)
+
+
+def measure_lesions(labels: np.ndarray, spacing: tuple[float, float, float], names: dict[int, str]) -> list[Lesion]:
+    """Volume (mL) and connected components per foreground class of a native-geometry label map.
+
+    Components are counted with ``scipy.ndimage.label`` inside the class's bounding box (so a small
+    lesion in a large scan labels a small array), with full connectivity.
+    """
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    out: list[Lesion] = []
+    for label in sorted(k for k in names if k != 0):
+        where = labels == label
+        count = int(np.count_nonzero(where))
+        components, largest = 0, 0
+        if count:
+            box = ndimage.find_objects(where.view(np.uint8))[0]
+            crop = where[box]
+            connectivity = ndimage.generate_binary_structure(3 if crop.shape[2] > 1 else 2, 3 if crop.shape[2] > 1 else 2)
+            if crop.shape[2] == 1:
+                lab, components = ndimage.label(crop[:, :, 0], structure=connectivity)
+            else:
+                lab, components = ndimage.label(crop, structure=connectivity)
+            largest = int(np.bincount(lab.ravel())[1:].max())
+        out.append(
+            Lesion(
+                label=label,
+                name=names.get(label, f"class {label}"),
+                volume_ml=round(count * voxel_ml, 4),
+                components=int(components),
+                voxels=count,
+                largest_component_ml=round(largest * voxel_ml, 4),
+            )
+        )
+    return out
+
+
+def jsonable(value: Any) -> Any:
+    """Floats rounded for reports; NaN becomes None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return None if np.isnan(value) else round(value, 6)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value

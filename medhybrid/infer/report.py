@@ -152,3 +152,19 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     return value
+
+
+def update_schema_doc(path: str = "docs/report-schema.md") -> None:
+    """Rewrite the JSON Schema block of the schema document (between its ``json`` fence markers)."""
+    from pathlib import Path
+
+    doc = Path(path)
+    text = doc.read_text(encoding="utf-8")
+    begin, end = "<!-- schema:begin -->\n```json\n", "\n```\n<!-- schema:end -->"
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    doc.write_text(head + begin + schema_markdown() + end + tail, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    update_schema_doc()

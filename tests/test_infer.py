@@ -1,0 +1,363 @@
+"""medhybrid infer end to end on the synthetic cohort (DICOM + NIfTI), and its building blocks."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+import yaml
+
+from medhybrid.config import EvalConfig, MinSensitivity, load_pipeline
+from medhybrid.data.synth import _fake_identity, synthesize_cohort
+from medhybrid.infer.batch import InferOptions, run_inference
+from medhybrid.infer.render import DisplayFrame, key_slices
+from medhybrid.infer.report import StudyReport, measure_lesions, schema_markdown
+from medhybrid.infer.resample import argmax_labels, to_native
+from medhybrid.infer.saliency import rollout
+from medhybrid.io.scan import load_study
+from medhybrid.train import train
+from medhybrid.train.evaluate import operating_point
+
+REPO = Path(__file__).resolve().parents[1]
+N_STUDIES = 6
+COMMON = {"report.json", "report.html", "thumb.png", "mask.nii.gz", "saliency_gradcam.nii.gz", "saliency_attention.nii.gz"}
+DICOM_ONLY = {"seg.dcm", "sr.dcm"}
+
+
+# --- fixtures: a cohort and a (briefly) trained 3D multitask hybrid -------------------------------
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    manifest = synthesize_cohort(tmp_path_factory.mktemp("cohort"), n=N_STUDIES, dims=3, fmt="both", seed=1)
+    return manifest.parent
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("train")
+    manifest = synthesize_cohort(tmp / "cohort", n=10, dims=3, fmt="nifti", seed=2)
+    raw = {
+        "name": "tiny3d",
+        "data": {
+            "manifest": str(manifest),
+            "task": "multitask",
+            "spatial_dims": 3,
+            "modality": "CT",
+            "intensity": "ct_soft_tissue",
+            "spacing": [1.5, 1.5, 2.5],
+            "spatial_size": [32, 32, 16],
+        },
+        "model": {"name": "hybrid_tiny_3d"},
+        "train": {"batch_size": 2, "stages": [{"name": "all", "epochs": 1, "lr": 0.003}]},
+        "eval": {"metrics": ["auroc", "dice", "loss"], "select": "auroc"},
+        "runtime": {"seed": 0, "threads": 2},
+    }
+    (tmp / "p.yaml").write_text(yaml.safe_dump(raw))
+    train(load_pipeline(tmp / "p.yaml"), tmp / "run")
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def inferred(cohort: Path, run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("infer") / "out"
+    result = run_inference(cohort, run_dir, out)
+    assert not result.failed, result.failed
+    return out
+
+
+def study_dirs(out: Path) -> list[Path]:
+    return sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def run_cli(args: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "medhybrid", *args], capture_output=True, text=True, cwd=REPO, **kw)
+
+
+# --- end to end -------------------------------------------------------------------------------------
+def test_every_study_gets_a_complete_valid_report(inferred: Path, cohort: Path) -> None:
+    dirs = study_dirs(inferred)
+    assert len(dirs) == 2 * N_STUDIES  # each synthetic study exists as a DICOM series and a NIfTI file
+    formats = []
+    for d in dirs:
+        report = StudyReport.model_validate(json.loads((d / "report.json").read_text()))
+        formats.append(report.source.format)
+        expected = COMMON | (DICOM_ONLY if report.source.format == "dicom" else set())
+        assert expected <= {p.name for p in d.iterdir()}, d
+        assert report.study_key == d.name
+        assert report.decision == ("abnormal" if report.probability >= report.operating_point.threshold else "normal")
+        assert report.operating_point.method == "youden"  # stored in the checkpoint by training
+        assert len(report.model.weights_sha256) == 64
+        # the mask and saliency maps are in the input's own geometry
+        source = cohort / report.source.path
+        study = load_study(source)
+        mask = nib.load(d / "mask.nii.gz")
+        assert mask.shape == study.spatial_shape
+        np.testing.assert_allclose(mask.affine, study.affine, atol=1e-5)
+        if report.source.format == "nifti":
+            np.testing.assert_allclose(mask.affine, nib.load(source).affine, atol=1e-6)
+        sal = nib.load(d / "saliency_gradcam.nii.gz").get_fdata()
+        assert sal.shape == study.spatial_shape and 0.0 <= sal.min() and sal.max() <= 1.0 + 1e-6
+        # lesion volume is what the mask says
+        labels = np.asarray(mask.dataobj)
+        voxel_ml = float(np.prod(study.spacing)) / 1000
+        assert report.lesions[0].volume_ml == pytest.approx(np.count_nonzero(labels == 1) * voxel_ml, abs=1e-3)
+        html = (d / "report.html").read_text()
+        assert "data:image/png;base64," in html and "src=\"http" not in html and "<script" not in html
+        assert f"{report.probability:.3f}" in html
+    assert formats.count("dicom") == N_STUDIES and formats.count("nifti") == N_STUDIES
+
+
+def test_dicom_seg_frames_match_mask_and_source_geometry(inferred: Path, cohort: Path) -> None:
+    import highdicom as hd
+
+    checked = 0
+    for d in study_dirs(inferred):
+        report = json.loads((d / "report.json").read_text())
+        if report["source"]["format"] != "dicom":
+            continue
+        mask = np.asarray(nib.load(d / "mask.nii.gz").dataobj)
+        seg = hd.seg.segread(d / "seg.dcm")
+        raw = pydicom.dcmread(d / "seg.dcm")
+        sources = {
+            ds.SOPInstanceUID: ds
+            for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in (cohort / report["source"]["path"]).iterdir())
+        }
+        assert raw.ReferencedSeriesSequence[0].SeriesInstanceUID == report["source"]["series_uid"]
+        assert raw.StudyInstanceUID == next(iter(sources.values())).StudyInstanceUID
+        assert raw.FrameOfReferenceUID == next(iter(sources.values())).FrameOfReferenceUID
+        # rebuild the volume from the SEG frames, via each frame's source instance
+        order = sorted(sources.values(), key=lambda ds: float(np.dot(ds.ImagePositionPatient, np.cross(
+            ds.ImageOrientationPatient[:3], ds.ImageOrientationPatient[3:]))))
+        k_of = {ds.SOPInstanceUID: k for k, ds in enumerate(order)}
+        rebuilt = np.zeros_like(mask)
+        pixels = raw.pixel_array.reshape(-1, raw.Rows, raw.Columns)
+        for frame, item in zip(pixels, raw.PerFrameFunctionalGroupsSequence, strict=True):
+            uid = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+            src = sources[uid]
+            assert [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient] == pytest.approx(
+                [float(v) for v in src.ImagePositionPatient], abs=1e-4
+            )
+            ident = item if "SegmentIdentificationSequence" in item else raw.SharedFunctionalGroupsSequence[0]
+            number = ident.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+            rebuilt[:, :, k_of[uid]][frame.T > 0] = number
+        np.testing.assert_array_equal(rebuilt, mask)
+        assert seg.SeriesInstanceUID != report["source"]["series_uid"]
+        sr = hd.sr.srread(d / "sr.dcm")
+        assert sr.StudyInstanceUID == raw.StudyInstanceUID
+        assert raw.SOPInstanceUID.encode() in (d / "sr.dcm").read_bytes()  # the SR references the SEG
+        checked += 1
+    assert checked == N_STUDIES
+
+
+def test_summary_and_index_sorted_by_probability(inferred: Path) -> None:
+    rows = list(csv.DictReader((inferred / "summary.csv").open()))
+    probs = [float(r["probability"]) for r in rows]
+    assert probs == sorted(probs, reverse=True) and len(rows) == 2 * N_STUDIES
+    assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
+    index = (inferred / "index.html").read_text()
+    positions = [index.index(f"{r['study_key']}/report.html") for r in rows]
+    assert positions == sorted(positions)
+    # every local link and image in the pages exists
+    for page in [inferred / "index.html", *(d / "report.html" for d in study_dirs(inferred))]:
+        for ref in re.findall(r'(?:href|src)="([^"]+)"', page.read_text()):
+            if not ref.startswith("data:"):
+                assert (page.parent / ref).is_file(), (page, ref)
+
+
+def test_failures_are_listed_and_do_not_stop_the_batch(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    shutil.copytree(cohort / "nifti", folder / "nifti")
+    (folder / "broken.nii.gz").write_bytes(b"not a nifti file at all")
+    shutil.copytree(cohort / "dicom" / "synth_0000", folder / "dicom_bad")
+    first = sorted((folder / "dicom_bad").iterdir())[3]
+    first.write_bytes(first.read_bytes()[: len(first.read_bytes()) // 2])  # truncated pixel data
+    result = run_inference(folder, run_dir, tmp_path / "out", InferOptions(dicom_outputs=False))
+    assert len(result.done) == N_STUDIES
+    reasons = {f["source"]: f for f in result.failed}
+    assert "broken.nii.gz" in reasons and reasons["broken.nii.gz"]["error"] == "image_read" or any(
+        "broken.nii.gz" in k for k in reasons
+    )
+    assert any("dicom_bad" in k for k in reasons), reasons
+    rows = list(csv.DictReader((tmp_path / "out" / "summary.csv").open()))
+    assert sum(r["status"] == "failed" for r in rows) == len(result.failed) == 2
+    index = (tmp_path / "out" / "index.html").read_text()
+    assert "Failed" in index and "broken.nii.gz" in index
+
+
+def test_rerun_skips_finished_studies_unless_overwrite(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    options = InferOptions(dicom_outputs=False)
+    run_inference(cohort / "nifti", run_dir, out, options)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("report.json")}
+    again = run_inference(cohort / "nifti", run_dir, out, options)
+    assert len(again.skipped) == N_STUDIES and {p: p.stat().st_mtime_ns for p in out.rglob("report.json")} == stamps
+    redo = run_inference(cohort / "nifti", run_dir, out, InferOptions(dicom_outputs=False, overwrite=True))
+    assert not redo.skipped and all(p.stat().st_mtime_ns != stamps[p] for p in stamps)
+
+
+def test_kill_mid_run_leaves_no_half_report_and_rerun_completes(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["infer", str(cohort), "--model", str(run_dir), "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "medhybrid", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not out.is_dir() or len(study_dirs(out)) < 2):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = study_dirs(out)
+    assert 2 <= len(done_before) < 2 * N_STUDIES, "the kill came too late to test anything"
+    for d in done_before:  # what exists is complete
+        assert COMMON <= {p.name for p in d.iterdir()}
+    result = run_cli([*args])
+    assert result.returncode == 0, result.stderr
+    assert "already done" in result.stderr
+    dirs = study_dirs(out)
+    assert len(dirs) == 2 * N_STUDIES
+    for d in dirs:
+        report = json.loads((d / "report.json").read_text())
+        expected = COMMON | (DICOM_ONLY if report["source"]["format"] == "dicom" else set())
+        assert expected <= {p.name for p in d.iterdir()}
+    leftovers = [p for p in out.rglob("*") if p.name.startswith((".partial-", ".old-")) or p.name.endswith(".tmp")]
+    assert not leftovers
+
+
+def test_no_patient_identity_in_any_output_or_log(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = run_cli(["-vv", "infer", str(cohort / "dicom"), "--model", str(run_dir), "--out", str(out)])
+    assert result.returncode == 0, result.stderr
+    identities = [_fake_identity(index) for index in range(N_STUDIES)]
+    whole = {v for ident in identities for v in ident}  # "DOE^JANE", the ID, the birth date
+    parts = {p for name, _, _ in identities for p in name.split("^") if len(p) >= 3}
+    texts = {"stdout": result.stdout, "stderr": result.stderr}
+    binaries: dict[str, str] = {}
+    for path in out.rglob("*"):
+        texts[f"file name {path}"] = path.name
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        if path.suffix in (".html", ".json", ".csv", ".log"):
+            # embedded PNGs are pixels in base64, whose letters form short words by chance
+            texts[str(path)] = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", data.decode("utf-8"))
+        else:  # DICOM, NIfTI (decompressed), PNG
+            binaries[str(path)] = (gzip.decompress(data) if path.name.endswith(".gz") else data).decode("latin-1")
+    found = {(n, where) for n in whole | parts for where, text in texts.items() if n in text}
+    found |= {(n, where) for n in whole for where, text in binaries.items() if n in text}
+    found |= {(n.replace("^", " "), where) for n in whole for where, text in texts.items() if n.replace("^", " ") in text}
+    assert not found, sorted(found)[:5]
+    assert any(p.endswith("seg.dcm") for p in binaries) and any(p.endswith("infer.log") for p in texts)
+    # the check can fail: with --include-phi the identities are there
+    out_phi = tmp_path / "phi"
+    assert run_cli(["infer", str(cohort / "dicom"), "--model", str(run_dir), "--out", str(out_phi), "--include-phi"]).returncode == 0
+    text = "".join(p.read_text() for p in out_phi.rglob("report.json"))
+    assert _fake_identity(0)[1] in text
+
+
+def test_cli_errors_are_one_line(cohort: Path, tmp_path: Path) -> None:
+    result = run_cli(["infer", str(cohort), "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert result.returncode == 1 and "nope" in result.stderr and "fix:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- building blocks -------------------------------------------------------------------------------
+def test_to_native_inverts_a_resampled_flipped_grid() -> None:
+    native = np.diag([-0.75, -0.75, 2.5, 1.0])
+    native[:3, 3] = [10.0, 20.0, -30.0]
+    labels = np.zeros((20, 18, 6), dtype=np.int64)
+    labels[4:12, 6:14, 1:5] = 1
+    labels[14:16, 0:2, 0:6] = 2
+    # model grid: 2x coarser in i and j and flipped along i (as Orientation + Spacing would give);
+    # model voxel (a, b, c) sits at native (18.5 - 2a, 0.5 + 2b, c)
+    to_native_voxel = np.array([[-2.0, 0, 0, 18.5], [0, 2.0, 0, 0.5], [0, 0, 1, 0], [0, 0, 0, 1]])
+    model = native @ to_native_voxel
+    one_hot = torch.zeros(3, 10, 9, 6)
+    for a in range(10):
+        for b in range(9):
+            for c in range(6):
+                one_hot[labels[18 - 2 * a, 2 * b, c], a, b, c] = 1.0  # the 2x2 block under the model voxel
+    back = to_native(one_hot, model, native, labels.shape, argmax_labels, mode="nearest")
+    np.testing.assert_array_equal(back, labels)
+    # linear interpolation keeps the argmax inside regions and changes at most the boundary voxels
+    smooth = to_native(one_hot, model, native, labels.shape, argmax_labels, mode="bilinear")
+    assert (smooth == labels).mean() > 0.9 and smooth[8, 10, 3] == 1
+
+
+def test_to_native_outside_the_model_field_is_zero() -> None:
+    aff = np.eye(4)
+    model = np.eye(4)
+    model[0, 3] = 10.0  # model grid starts 10 voxels further along i
+    vol = torch.ones(1, 5, 4, 3)
+    out = to_native(vol, model, aff, (20, 4, 3), lambda v: v[0], dtype=np.float32)
+    assert out[:10].max() == 0 and out[10:15].min() == 1 and out[15:].max() == 0
+
+
+def test_rollout_is_a_distribution_over_tokens() -> None:
+    maps = [torch.softmax(torch.randn(1, 2, 9, 9), -1) for _ in range(3)]
+    r = rollout(maps, (2, 2, 2), use_cls=True)
+    assert r.shape == (1, 1, 2, 2, 2)
+    assert torch.all(r > 0)
+    # one block of pure self-attention leaves only the identity: the CLS row ignores the tokens
+    identity = [torch.eye(9).expand(1, 2, 9, 9)]
+    assert torch.allclose(rollout(identity, (2, 2, 2), True), torch.zeros(1, 1, 2, 2, 2))
+
+
+def test_operating_point_rules() -> None:
+    truth = np.array([0, 0, 0, 0, 1, 1, 1, 1], dtype=bool)
+    score = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
+    youden = operating_point(truth, score)
+    assert youden["threshold"] == pytest.approx(0.7) and youden["sensitivity"] == 0.75 and youden["specificity"] == 1.0
+    sens = operating_point(truth, score, EvalConfig(operating_point=MinSensitivity(min_sensitivity=1.0)))
+    assert sens["threshold"] == pytest.approx(0.4) and sens["sensitivity"] == 1.0 and sens["specificity"] == 0.75
+    fixed = operating_point(truth, score, EvalConfig(operating_point=0.5))
+    assert fixed["threshold"] == 0.5 and fixed["method"] == "fixed" and fixed["specificity"] == 0.75
+
+
+def test_measure_lesions_counts_components_and_volume() -> None:
+    labels = np.zeros((30, 30, 10), dtype=np.uint8)
+    labels[2:5, 2:5, 2:4] = 1  # 18 voxels
+    labels[20:22, 20:22, 5:6] = 1  # 4 voxels, separate
+    labels[10, 10, 1] = 2
+    lesions = measure_lesions(labels, (0.5, 0.5, 2.0), {0: "bg", 1: "lesion", 2: "cyst"})
+    assert [(les.name, les.voxels, les.components) for les in lesions] == [("lesion", 22, 2), ("cyst", 1, 1)]
+    assert lesions[0].volume_ml == pytest.approx(22 * 0.5 / 1000) and lesions[0].largest_component_ml == pytest.approx(
+        18 * 0.5 / 1000
+    )
+
+
+def test_display_is_the_same_for_las_and_ras_storage() -> None:
+    vol = np.random.default_rng(0).random((6, 5, 4))
+    ras = np.diag([1.0, 1.0, 2.0, 1.0])
+    las = ras.copy()
+    las[0, 0] = -1.0
+    las[0, 3] = 5.0  # voxel 0 along i is now at x = 5 (the other end)
+    a = DisplayFrame(ras, (1, 1, 2), True)(vol)
+    b = DisplayFrame(las, (1, 1, 2), True)(vol[::-1])
+    np.testing.assert_array_equal(a, b)
+
+
+def test_key_slices_follow_the_lesion() -> None:
+    labels = np.zeros((8, 8, 40), dtype=np.uint8)
+    labels[2:6, 2:6, 30] = 1
+    labels[2:4, 2:4, 10] = 1
+    labels[2:3, 2:3, 31] = 1
+    assert key_slices(labels, None, 40) == [10, 30]
+    assert key_slices(None, None, 40) == [20]
+
+
+def test_report_schema_doc_is_current() -> None:
+    doc = (REPO / "docs" / "report-schema.md").read_text()
+    assert schema_markdown() in doc, "regenerate docs/report-schema.md: python -m medhybrid.infer.report"

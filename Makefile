@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 SHARED_DATA ?= ../shared/data
 DEMO_OUT ?= demo_out
 
-.PHONY: install demo test test-slow lint bench bench-train manifests clean
+.PHONY: install browser demo test test-slow lint bench bench-train bench-infer manifests clean
 
 install: $(VENV)/.installed
 
@@ -18,14 +18,26 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-# The demo: a synthetic cohort (real DICOM series + NIfTI), then the demo pipeline trains on it (< 2 min, 2 cores).
+# Headless Chromium for the report rendering tests: Debian's package, installed when we are root with apt-get;
+# elsewhere those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
+	echo "chromium could not be installed: the browser tests will be skipped"
+
+# The demo: a synthetic cohort (real DICOM series + NIfTI), the demo pipeline trains on it, then `infer` reports on
+# 16 new phantoms (another seed: unseen patients) given as a folder of DICOM studies; it prints the worklist's path.
 demo: install
-	rm -rf $(DEMO_OUT)/cohort $(DEMO_OUT)/run
+	rm -rf $(DEMO_OUT)/cohort $(DEMO_OUT)/run $(DEMO_OUT)/new_studies $(DEMO_OUT)/reports
 	$(BIN)/medhybrid data synth $(DEMO_OUT)/cohort --n 60 --dims 3 --format both --seed 0
 	$(BIN)/medhybrid data validate $(DEMO_OUT)/cohort/manifest.csv
 	$(BIN)/medhybrid train pipelines/demo.yaml --set data.manifest=$(abspath $(DEMO_OUT))/cohort/manifest.csv --out $(DEMO_OUT)/run
+	$(BIN)/medhybrid data synth $(DEMO_OUT)/new_studies --n 16 --dims 3 --format dicom --seed 1
+	$(BIN)/medhybrid infer $(DEMO_OUT)/new_studies/dicom --model $(DEMO_OUT)/run --out $(DEMO_OUT)/reports
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
 
 test-slow: install
@@ -43,6 +55,10 @@ bench: install
 # Training benchmark (tens of minutes on 2 cores): needs `make manifests` and ../shared/data.
 bench-train: install
 	$(PY) benchmarks/train.py
+
+# Inference benchmark: 200 synthetic studies (throughput, model time share, RSS) and a 512x512x400 CT (peak RSS).
+bench-infer: install
+	$(PY) benchmarks/infer.py
 
 # Manifests for ../shared/data (MedMNIST samples are written out as files, so they are generated, not shipped).
 manifests: install

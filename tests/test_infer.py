@@ -361,3 +361,53 @@ def test_key_slices_follow_the_lesion() -> None:
 def test_report_schema_doc_is_current() -> None:
     doc = (REPO / "docs" / "report-schema.md").read_text()
     assert schema_markdown() in doc, "regenerate docs/report-schema.md: python -m medhybrid.infer.report"
+
+
+# --- the pages in a real browser ---------------------------------------------------------------------
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("no Chromium on this machine (`make test` installs Debian's chromium where it can: apt-get as root)")
+
+
+def render_page(browser: str, page: Path, png: Path) -> str:
+    """Headless Chromium renders ``page`` to ``png``; returns its console messages (INFO:CONSOLE lines)."""
+    result = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--enable-logging=stderr",
+            "--v=0",
+            f"--screenshot={png}",
+            "--window-size=1280,1600",
+            page.resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert png.is_file(), result.stderr[-2000:]
+    return "\n".join(line for line in result.stderr.splitlines() if ":CONSOLE" in line)
+
+
+def test_pages_render_in_headless_chromium_without_console_errors(inferred: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    browser = chromium()
+    # the console check can fail: a page with a script error is caught
+    bad = tmp_path / "bad.html"
+    bad.write_text("<!DOCTYPE html><html><body><script>console.error('boom'); missingFunction();</script></body></html>")
+    assert "missingFunction" in render_page(browser, bad, tmp_path / "bad.png")
+    pages = [inferred / "index.html", *(d / "report.html" for d in study_dirs(inferred)[:2])]
+    for n, page in enumerate(pages):
+        png = tmp_path / f"page{n}.png"
+        console = render_page(browser, page, png)
+        assert console == "", f"{page}: {console}"
+        pixels = np.asarray(Image.open(png).convert("L"), dtype=np.float32)
+        assert pixels.std() > 10, f"{page} rendered blank"
+        # the embedded images were decoded: the page holds dark (CT background) pixels, not just text on white
+        assert (pixels < 30).mean() > 0.01, f"{page}: no image content rendered"

@@ -136,7 +136,9 @@ def large_ct(out: Path) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=3, metavar=("INPUT", "MODEL", "OUT"), help=argparse.SUPPRESS)
-    parser.add_argument("--model", type=Path, help="run folder or checkpoint (default: a quick demo-architecture model)")
+    parser.add_argument(
+        "--model", type=Path, help="run folder or checkpoint (default: a quick demo-architecture model)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "runs" / "infer")
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--small", type=int, default=50)

@@ -405,10 +405,15 @@ def train_cmd(
 @domain_errors
 def infer_cmd(
     input_path: Annotated[
-        Path, typer.Argument(metavar="INPUT", help="A folder of studies (DICOM and/or NIfTI, any depth), one study, or a manifest CSV.")
+        Path,
+        typer.Argument(
+            metavar="INPUT", help="A folder of studies (DICOM and/or NIfTI, any depth), one study, or a manifest CSV."
+        ),
     ],
     model: Annotated[Path, typer.Option("--model", "-m", help="Run folder (its best.pt) or a checkpoint file.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: one sub-folder per study, index.html, summary.csv.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder: one sub-folder per study, index.html, summary.csv.")
+    ],
     tta: Annotated[bool, typer.Option("--tta", help="Average over flips along each axis (slower, steadier).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo studies that already have a report.")] = False,
@@ -422,7 +427,9 @@ def infer_cmd(
     min_slices: Annotated[int, typer.Option(help="Fewest slices a series must have.")] = 1,
     series_description: Annotated[str | None, typer.Option(help="Regex searched in SeriesDescription.")] = None,
     largest: Annotated[bool, typer.Option(help="Among several matching series take the largest.")] = False,
-    no_dicom_outputs: Annotated[bool, typer.Option("--no-dicom-outputs", help="Skip DICOM SEG/SR for DICOM input.")] = False,
+    no_dicom_outputs: Annotated[
+        bool, typer.Option("--no-dicom-outputs", help="Skip DICOM SEG/SR for DICOM input.")
+    ] = False,
 ) -> None:
     """Infer every study and write, per study, report.json/html, mask, saliency and DICOM SEG/SR; then the worklist."""
     from medhybrid.infer.batch import InferOptions, run_inference

@@ -24,7 +24,9 @@ import io
 import json
 import logging
 import os
+import queue
 import shutil
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -36,7 +38,7 @@ import numpy as np
 
 from medhybrid import __version__
 from medhybrid.errors import InferenceError, InputError, MedHybridError
-from medhybrid.infer.predictor import Prediction, Predictor
+from medhybrid.infer.predictor import Prediction, Predictor, Prepared
 from medhybrid.infer.render import DisplayFrame, index_html, render_panels, report_html, window_for
 from medhybrid.infer.report import (
     Lesion,
@@ -55,7 +57,7 @@ from medhybrid.io.dicom import DicomSeries, discover_dicom, load_series
 from medhybrid.io.dicom_files import FileProblem, iter_files
 from medhybrid.io.geometry import IngestOptions
 from medhybrid.io.manifest import read_manifest
-from medhybrid.io.readers import image_format, read_image
+from medhybrid.io.readers import image_format, read_geometry, read_image
 from medhybrid.io.select import SelectionRules, select_series
 from medhybrid.io.study import Study, study_key
 from medhybrid.io.writers import atomic_write_bytes, nifti_bytes
@@ -232,6 +234,11 @@ def run_inference(
 ) -> InferResult:
     """Infer every study under ``input_path`` with the model at ``model`` (run folder or checkpoint).
 
+    Three stages overlap, like a data loader: a thread loads and preprocesses the next study while the
+    model works on the current one (in this thread), and another thread maps the previous result back
+    to the scan and writes its files. The studies in flight are bounded by :data:`INFLIGHT_VOXELS`
+    (a study larger than that runs alone), so memory stays flat however many studies there are.
+
     Args:
         on_study: called after each study with its summary row (also for skipped and failed studies).
 
@@ -249,11 +256,7 @@ def run_inference(
     _clean_partials(out)
     handler = _file_log(out / "infer.log")
     t_start = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    failed: list[dict[str, Any]] = []
-    skipped: list[str] = []
-    totals: dict[str, float] = defaultdict(float)
-    seen: set[str] = set()
+    book = _Book(out, predictor, Path(input_path), on_study)
     try:
         logger.info(
             "infer: %d studies under %s with %s (threshold %.3f, %s)",
@@ -265,47 +268,193 @@ def run_inference(
         )
         for problem in rejected:
             logger.info("rejected file %s: %s", problem.path, problem.reason)
-        for task in tasks:
-            source = _relative(task.source, Path(input_path))
-            final = out / task.key
-            if task.key in seen:
-                task.error = InputError("the same study was found twice; reported once", path=task.source)
-            seen.add(task.key)
-            if task.error is None and (final / REPORT_FILE).is_file() and not options.overwrite:
-                row = _row_from_report(final / REPORT_FILE)
-                if row is not None:
-                    skipped.append(task.key)
-                    rows.append(row)
-                    _notify(on_study, {**row, "status": "skipped"})
-                    continue
-            try:
-                if task.error is not None:
-                    raise task.error
-                report, timings = _process(task, predictor, out, source, options)
-            except MedHybridError as exc:
-                failed.append(_failure(task, source, exc.code, str(exc)))
-                logger.warning("study %s failed: %s", task.key, exc)
-                _notify(on_study, failed[-1])
-            except Exception as exc:  # a bug or a library error on odd data: record it, go on
-                failed.append(_failure(task, source, type(exc).__name__, str(exc)[:300]))
-                logger.exception("study %s failed unexpectedly", task.key)
-                _notify(on_study, failed[-1])
-            else:
-                for k, v in timings.items():
-                    totals[k] += v
-                row = _row(report)
-                rows.append(row)
-                logger.info(
-                    "study %s: p=%.3f %s (%.2f s)", task.key, report.probability, report.decision, timings["total"]
-                )
-                _notify(on_study, row)
-            _write_summary(out, rows, failed, predictor, input_path)
-        _write_summary(out, rows, failed, predictor, input_path)
+        todo = _plan(tasks, out, options, book)
+        _Pipeline(predictor, out, options, book, Path(input_path)).run(todo)
+        book.write_summary()
     finally:
         logging.getLogger("medhybrid").removeHandler(handler)
         handler.close()
     seconds = time.perf_counter() - t_start
-    return InferResult(out, rows, skipped, failed, seconds, dict(totals))
+    return InferResult(out, book.rows, book.skipped, book.failed, seconds, dict(book.totals))
+
+
+# Voxels of the studies loaded and not yet written (native volume, outputs): a bound on memory. A study
+# larger than this runs alone.
+INFLIGHT_VOXELS = 48 * 1024 * 1024
+
+
+class _Book:
+    """The run's results (written by the writer thread; read by the main thread after it ends)."""
+
+    def __init__(
+        self, out: Path, predictor: Predictor, input_path: Path, on_study: Callable[[dict[str, Any]], None] | None
+    ) -> None:
+        self.out, self.predictor, self.input_path, self.on_study = out, predictor, input_path, on_study
+        self.rows: list[dict[str, Any]] = []
+        self.failed: list[dict[str, Any]] = []
+        self.skipped: list[str] = []
+        self.totals: dict[str, float] = defaultdict(float)
+
+    def done(self, row: dict[str, Any], timings: dict[str, float] | None = None) -> None:
+        self.rows.append(row)
+        for k, v in (timings or {}).items():
+            self.totals[k] += v
+        _notify(self.on_study, row)
+
+    def fail(self, row: dict[str, Any]) -> None:
+        self.failed.append(row)
+        _notify(self.on_study, row)
+
+    def write_summary(self) -> None:
+        _write_summary(self.out, self.rows, self.failed, self.predictor, self.input_path)
+
+
+def _plan(tasks: list[StudyTask], out: Path, options: InferOptions, book: _Book) -> list[StudyTask]:
+    """Tasks to run; finished studies are skipped (unless ``overwrite``), duplicates marked."""
+    todo: list[StudyTask] = []
+    seen: set[str] = set()
+    for task in tasks:
+        if task.key in seen:
+            task.error = InputError("the same study was found twice; reported once", path=task.source)
+        seen.add(task.key)
+        final = out / task.key
+        if task.error is None and (final / REPORT_FILE).is_file() and not options.overwrite:
+            row = _row_from_report(final / REPORT_FILE)
+            if row is not None:
+                book.skipped.append(task.key)
+                book.rows.append(row)
+                _notify(book.on_study, {**row, "status": "skipped"})
+                continue
+        todo.append(task)
+    return todo
+
+
+@dataclass
+class _Item:
+    """One study moving through the pipeline."""
+
+    task: StudyTask
+    source: str
+    voxels: int = 0
+    study: Study | None = None
+    prepared: Prepared | None = None
+    pred: Prediction | None = None
+    failure: tuple[str, str] | None = None  # (error code, reason)
+    t_load: float = 0.0
+
+
+class _Pipeline:
+    """Loader thread -> model (this thread) -> writer thread, with bounded queues (see run_inference)."""
+
+    def __init__(self, predictor: Predictor, out: Path, options: InferOptions, book: _Book, input_path: Path) -> None:
+        self.predictor, self.out, self.options, self.book, self.input_path = predictor, out, options, book, input_path
+        self.loaded: queue.Queue[_Item | None] = queue.Queue(maxsize=1)
+        self.inferred: queue.Queue[_Item | None] = queue.Queue(maxsize=1)
+        self.inflight = 0
+        self.inflight_cv = threading.Condition()
+        self.stop = threading.Event()
+
+    def run(self, tasks: list[StudyTask]) -> None:
+        loader = threading.Thread(target=self._load_all, args=(tasks,), name="medhybrid-load", daemon=True)
+        writer = threading.Thread(target=self._write_all, name="medhybrid-write", daemon=True)
+        loader.start()
+        writer.start()
+        try:
+            while (item := self.loaded.get()) is not None:
+                if item.failure is None:
+                    assert item.prepared is not None
+                    try:
+                        item.pred = self.predictor.run(item.prepared)
+                    except Exception as exc:  # noqa: BLE001 - recorded per study, the batch goes on
+                        item.failure = _describe(exc, item)
+                    item.prepared = None
+                self.inferred.put(item)
+        finally:
+            self.stop.set()
+            self.inferred.put(None)
+            writer.join()
+            loader.join(timeout=60)
+
+    # --- loader ------------------------------------------------------------------------------------
+    def _load_all(self, tasks: list[StudyTask]) -> None:
+        try:
+            for task in tasks:
+                if self.stop.is_set():
+                    break
+                item = _Item(task, _relative(task.source, self.input_path), voxels=_voxels(task))
+                self._reserve(item.voxels)
+                t0 = time.perf_counter()
+                try:
+                    if task.error is not None:
+                        raise task.error
+                    item.study = load_series(task.series) if task.series is not None else read_image(task.source)
+                    item.t_load = time.perf_counter() - t0
+                    _check_dims(item.study, self.predictor, task)
+                    item.prepared = self.predictor.preprocess(item.study)
+                except Exception as exc:  # noqa: BLE001 - recorded per study, the batch goes on
+                    item.failure = _describe(exc, item)
+                    item.study = None
+                self.loaded.put(item)
+        finally:
+            self.loaded.put(None)
+
+    def _reserve(self, voxels: int) -> None:
+        with self.inflight_cv:
+            self.inflight_cv.wait_for(lambda: self.inflight == 0 or self.inflight + voxels <= INFLIGHT_VOXELS)
+            self.inflight += voxels
+
+    def _release(self, voxels: int) -> None:
+        with self.inflight_cv:
+            self.inflight -= voxels
+            self.inflight_cv.notify_all()
+
+    # --- writer ------------------------------------------------------------------------------------
+    def _write_all(self) -> None:
+        while (item := self.inferred.get()) is not None:
+            try:
+                if item.failure is None:
+                    try:
+                        report, timings = _finish(item, self.predictor, self.out, self.options)
+                    except Exception as exc:  # noqa: BLE001 - recorded per study, the batch goes on
+                        item.failure = _describe(exc, item)
+                    else:
+                        logger.info(
+                            "study %s: p=%.3f %s (%.2f s)",
+                            item.task.key,
+                            report.probability,
+                            report.decision,
+                            timings["total"],
+                        )
+                        self.book.done(_row(report), timings)
+                if item.failure is not None:
+                    self.book.fail(_failure(item.task, item.source, *item.failure))
+                self.book.write_summary()
+            finally:
+                item.study = item.pred = None
+                self._release(item.voxels)
+
+
+def _describe(exc: Exception, item: _Item) -> tuple[str, str]:
+    """A failure's (code, reason), logged; unexpected exception types keep their traceback in the log."""
+    if isinstance(exc, MedHybridError):
+        logger.warning("study %s failed: %s", item.task.key, exc)
+        return exc.code, str(exc)
+    logger.error("study %s failed unexpectedly", item.task.key, exc_info=exc)
+    return type(exc).__name__, str(exc)[:300]
+
+
+def _voxels(task: StudyTask) -> int:
+    """Voxels of a study before loading it (headers only); 0 when unknown."""
+    if task.series is not None:
+        first = task.series.headers[0]
+        return first.rows * first.cols * len(task.series.headers) * max(first.samples, 1)
+    if task.error is None:
+        try:
+            shape, _ = read_geometry(task.source)
+            return int(np.prod(shape))
+        except MedHybridError:
+            return 0
+    return 0
 
 
 def _notify(on_study: Callable[[dict[str, Any]], None] | None, row: dict[str, Any]) -> None:
@@ -353,14 +502,12 @@ def _clean_partials(out: Path) -> None:
 
 
 # --- one study -------------------------------------------------------------------------------------
-def _process(
-    task: StudyTask, predictor: Predictor, out: Path, source: str, options: InferOptions
+def _finish(
+    item: _Item, predictor: Predictor, out: Path, options: InferOptions
 ) -> tuple[StudyReport, dict[str, float]]:
-    t0 = time.perf_counter()
-    study = load_series(task.series) if task.series is not None else read_image(task.source)
-    t_load = time.perf_counter() - t0
-    _check_dims(study, predictor, task)
-    pred = predictor.predict(study)
+    """Map the prediction back to the scan, measure, write every file, move the study folder into place."""
+    task, study, pred = item.task, item.study, item.pred
+    assert study is not None and pred is not None
     t1 = time.perf_counter()
     labels = (
         to_native(pred.seg_probs, pred.affine, study.affine, study.spatial_shape, argmax_labels)
@@ -376,16 +523,16 @@ def _process(
         shutil.rmtree(partial)
     partial.mkdir()
     t2 = time.perf_counter()
-    report = _build_report(task, study, pred, predictor, labels, saliency, source, options)
+    report = _build_report(task, study, pred, predictor, labels, saliency, item.source, options)
     _write_outputs(partial, task, study, report, predictor, labels, saliency, options)
     timings = {
-        "load": t_load,
+        "load": item.t_load,
         "preprocess": pred.timings["preprocess"],
         "model": pred.timings["model"],
         "resample": t_resample,
+        "write": time.perf_counter() - t2,
     }
-    timings["write"] = time.perf_counter() - t2
-    timings["total"] = time.perf_counter() - t0
+    timings["total"] = sum(timings.values())
     report.timings_s = {k: round(v, 4) for k, v in timings.items()}
     atomic_write_bytes(partial / REPORT_FILE, report.to_json())
     _commit(partial, out / task.key)
@@ -448,7 +595,8 @@ def _build_report(
 ) -> StudyReport:
     lesions: list[Lesion] = []
     if labels is not None:
-        names = predictor.mask_label_names or {i: f"class {i}" for i in range(int(pred.seg_probs.shape[0]))}  # type: ignore[union-attr]
+        n_seg = int(pred.seg_probs.shape[0]) if pred.seg_probs is not None else 2
+        names = predictor.mask_label_names or {i: f"class {i}" for i in range(n_seg)}
         lesions = measure_lesions(labels, study.spacing, names)
     flags = _qc_flags(study, predictor)
     verdict = max((f.level for f in flags), key=("ok", "warn", "reject").index, default="ok")
@@ -481,14 +629,15 @@ def _build_report(
             shape=list(study.shape),
             spacing_mm=[round(s, 6) for s in study.spacing],
             series_uid=study.series_uid,
-            description=str(study.metadata.get("SeriesDescription")) if study.metadata.get("SeriesDescription") else None,
+            description=str(study.metadata.get("SeriesDescription"))
+            if study.metadata.get("SeriesDescription")
+            else None,
             manifest_id=task.manifest_id,
         ),
         outputs=Outputs(
             mask="mask.nii.gz" if labels is not None else None,
             saliency=[
-                Saliency(method=m, file=f"saliency_{m}.nii.gz", description=SALIENCY_DESCRIPTIONS[m])  # type: ignore[arg-type]
-                for m in saliency
+                Saliency(method=m, file=f"saliency_{m}.nii.gz", description=SALIENCY_DESCRIPTIONS[m]) for m in saliency
             ],
             dicom_seg="seg.dcm" if labels is not None and task.series is not None and options.dicom_outputs else None,
             dicom_sr="sr.dcm" if task.series is not None and options.dicom_outputs else None,
@@ -506,7 +655,9 @@ def _patient(task: StudyTask) -> dict[str, str] | None:
     import pydicom
 
     ds = pydicom.dcmread(
-        task.series.headers[0].path, stop_before_pixels=True, specific_tags=["PatientName", "PatientID", "PatientBirthDate"]
+        task.series.headers[0].path,
+        stop_before_pixels=True,
+        specific_tags=["PatientName", "PatientID", "PatientBirthDate"],
     )
     return {k: str(ds.get(k, "")) for k in ("PatientName", "PatientID", "PatientBirthDate")}
 
@@ -522,7 +673,9 @@ def _write_outputs(
     options: InferOptions,
 ) -> None:
     if labels is not None:
-        atomic_write_bytes(folder / "mask.nii.gz", nifti_bytes(labels, study.affine, description="medhybrid mask", compresslevel=1))
+        atomic_write_bytes(
+            folder / "mask.nii.gz", nifti_bytes(labels, study.affine, description="medhybrid mask", compresslevel=1)
+        )
     for method, values in saliency.items():
         atomic_write_bytes(
             folder / f"saliency_{method}.nii.gz",
@@ -557,7 +710,13 @@ def _write_dicom(
     if labels is not None:
         names = {k: v for k, v in predictor.mask_label_names.items() if k != 0} or {1: "lesion"}
         seg = write_seg(
-            labels, series.headers, names, algorithm, folder / "seg.dcm", include_phi=options.include_phi, sources=sources
+            labels,
+            series.headers,
+            names,
+            algorithm,
+            folder / "seg.dcm",
+            include_phi=options.include_phi,
+            sources=sources,
         )
     findings = Findings(
         probability=report.probability,
@@ -568,7 +727,9 @@ def _write_dicom(
             for les in report.lesions
         ),
     )
-    write_sr(findings, series.headers, seg, algorithm, folder / "sr.dcm", include_phi=options.include_phi, sources=sources)
+    write_sr(
+        findings, series.headers, seg, algorithm, folder / "sr.dcm", include_phi=options.include_phi, sources=sources
+    )
 
 
 # --- summary ---------------------------------------------------------------------------------------

@@ -63,6 +63,15 @@ class Prediction:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class Prepared:
+    """A preprocessed study: the model input ``(1, C, *spatial)``, its grid's affine, the time it took."""
+
+    x: torch.Tensor
+    affine: np.ndarray
+    seconds: float
+
+
 def resolve_checkpoint(path: Path) -> Path:
     """A run folder means its ``best.pt``; a file is taken as it is.
 
@@ -143,19 +152,23 @@ class Predictor:
     def saliency_methods(self) -> tuple[str, ...]:
         return self.explainer.methods
 
-    def preprocess(self, study: Study) -> torch.Tensor:
-        """The checkpoint's inference transforms applied to a loaded study: ``(C, *spatial)`` MetaTensor."""
-        out: torch.Tensor = apply(self.transform, {IMAGE: study})[IMAGE]
-        return out
+    def preprocess(self, study: Study) -> Prepared:
+        """The checkpoint's inference transforms applied to a loaded study (no model involved, so this
+        may run in another thread while the model works on the previous study)."""
+        t0 = time.perf_counter()
+        image = apply(self.transform, {IMAGE: study})[IMAGE]
+        affine = np.asarray(image.affine, dtype=np.float64)
+        tensor = image.as_tensor() if hasattr(image, "as_tensor") else image
+        return Prepared(tensor[None].to(torch.float32), affine, time.perf_counter() - t0)
 
     def predict(self, study: Study) -> Prediction:
         """Preprocess and run the model (with saliency, and flip TTA if enabled) on one study."""
-        t0 = time.perf_counter()
-        image = self.preprocess(study)
-        affine = np.asarray(image.affine, dtype=np.float64)  # type: ignore[attr-defined]
-        x = image.as_tensor()[None] if hasattr(image, "as_tensor") else image[None]
-        x = x.to(self.device, torch.float32)
+        return self.run(self.preprocess(study))
+
+    def run(self, prepared: Prepared) -> Prediction:
+        """The model on a preprocessed study: probabilities, mask probabilities, saliency."""
         t1 = time.perf_counter()
+        x = prepared.x.to(self.device)
         explained = self._explained(x)
         probs = explained.get("probs")
         seg = explained.get("seg")
@@ -176,8 +189,8 @@ class Predictor:
             class_probs=class_probs,
             seg_probs=seg[0].cpu() if seg is not None else None,
             saliency={m: explained[m][0].cpu() for m in self.saliency_methods if m in explained},
-            affine=affine,
-            timings={"preprocess": t1 - t0, "model": t2 - t1},
+            affine=prepared.affine,
+            timings={"preprocess": prepared.seconds, "model": t2 - t1},
         )
 
     # --- model passes ------------------------------------------------------------------------------

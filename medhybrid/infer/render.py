@@ -42,9 +42,7 @@ class DisplayFrame:
     """Reorients native ``(I, J, K)`` arrays for axial display (see the module docstring)."""
 
     def __init__(self, affine: np.ndarray, spacing: Sequence[float], reorient: bool) -> None:
-        self.transform = (
-            ornt_transform(io_orientation(affine), axcodes2ornt(("L", "P", "S"))) if reorient else None
-        )
+        self.transform = ornt_transform(io_orientation(affine), axcodes2ornt(("L", "P", "S"))) if reorient else None
         sp = np.asarray(spacing, dtype=float)
         self.spacing: tuple[float, ...] = tuple(float(v) for v in sp)
         if self.transform is not None:
@@ -129,7 +127,7 @@ def to_png(rgb_or_grey: np.ndarray, spacing: tuple[float, float], max_px: int = 
     pil = Image.fromarray(img)
     pil = pil.resize(size, Image.Resampling.BILINEAR)
     buf = io.BytesIO()
-    pil.save(buf, format="PNG", optimize=False, compress_level=6)
+    pil.save(buf, format="PNG", optimize=False, compress_level=1)
     return buf.getvalue()
 
 
@@ -201,10 +199,10 @@ def _e(value: Any) -> str:
 
 def _page(title: str, body: str) -> bytes:
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>{_e(title)}</title>"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1"><title>{_e(title)}</title>'
         f"<style>{_CSS}</style></head><body>\n{body}\n</body></html>\n"
-    ).encode("utf-8")
+    ).encode()
 
 
 def _table(rows: Sequence[tuple[str, Any]]) -> str:
@@ -217,13 +215,13 @@ def report_html(report: dict[str, Any], slices: list[dict[str, Any]], card: dict
     op = report["operating_point"]
     parts = [
         f"<h1>Study {_e(report['study_key'])}</h1>",
-        f"<div class=\"muted\">{_e(report['source']['format'].upper())} {_e(report['source']['modality'])} · "
+        f'<div class="muted">{_e(report["source"]["format"].upper())} {_e(report["source"]["modality"])} · '
         f"{_e(report['source']['path'])}</div>",
-        "<div class=\"banner\">Research use only. This is decision support for radiologist review, "
+        '<div class="banner">Research use only. This is decision support for radiologist review, '
         "not a diagnosis.</div>",
-        f"<p><span class=\"prob\">{report['probability']:.3f}</span>"
-        f"<span class=\"badge {_e(decision)}\">{_e(decision.upper())}</span></p>",
-        f"<p class=\"muted\">Probability of abnormality; called abnormal at &ge; {op['threshold']:.3f} "
+        f'<p><span class="prob">{report["probability"]:.3f}</span>'
+        f'<span class="badge {_e(decision)}">{_e(decision.upper())}</span></p>',
+        f'<p class="muted">Probability of abnormality; called abnormal at &ge; {op["threshold"]:.3f} '
         f"(operating point: {_e(op['method'])}"
         + (
             f", validation sensitivity {op['sensitivity']:.2f}, specificity {op['specificity']:.2f}"
@@ -240,16 +238,18 @@ def report_html(report: dict[str, Any], slices: list[dict[str, Any]], card: dict
         parts.append(
             "<ul>"
             + "".join(
-                f"<li class=\"{_e(f['level'])}\"><b>{_e(f['level'].upper())}</b> {_e(f['code'])}: {_e(f['message'])}</li>"
+                f'<li class="{_e(f["level"])}"><b>{_e(f["level"].upper())}</b> {_e(f["code"])}: {_e(f["message"])}</li>'
                 for f in qc
             )
             + "</ul>"
         )
     else:
-        parts.append("<p class=\"ok\">No QC findings.</p>")
+        parts.append('<p class="ok">No QC findings.</p>')
     if report["lesions"]:
-        parts.append("<h2>Findings</h2><table><tr><th>Class</th><th>Volume (mL)</th><th>Components</th>"
-                     "<th>Largest (mL)</th></tr>")
+        parts.append(
+            "<h2>Findings</h2><table><tr><th>Class</th><th>Volume (mL)</th><th>Components</th>"
+            "<th>Largest (mL)</th></tr>"
+        )
         parts += [
             f"<tr><td>{_e(les['name'])}</td><td>{les['volume_ml']:.2f}</td><td>{les['components']}</td>"
             f"<td>{les['largest_component_ml']:.2f}</td></tr>"
@@ -257,19 +257,19 @@ def report_html(report: dict[str, Any], slices: list[dict[str, Any]], card: dict
         ]
         parts.append("</table>")
     if report.get("class_probabilities"):
-        parts.append("<h2>Class probabilities</h2>" + _table(
-            [(k, f"{v:.3f}") for k, v in report["class_probabilities"].items()]
-        ))
+        parts.append(
+            "<h2>Class probabilities</h2>" + _table([(k, f"{v:.3f}") for k, v in report["class_probabilities"].items()])
+        )
     parts.append("<h2>Key slices</h2>")
     for s in slices:
-        parts.append(f"<div><div class=\"muted\">Slice {s['slice'] + 1} of {s['of']}</div>")
+        parts.append(f'<div><div class="muted">Slice {s["slice"] + 1} of {s["of"]}</div>')
         for title, png in s["panels"]:
             parts.append(
-                f"<figure><img src=\"{data_uri(png)}\" alt=\"{_e(title)}\"><figcaption>{_e(title)}</figcaption></figure>"
+                f'<figure><img src="{data_uri(png)}" alt="{_e(title)}"><figcaption>{_e(title)}</figcaption></figure>'
             )
         parts.append("</div>")
     parts.append(
-        "<p class=\"muted\">Axial slices seen from the feet: patient right on the image's left, anterior at the top. "
+        '<p class="muted">Axial slices seen from the feet: patient right on the image\'s left, anterior at the top. '
         "Saliency shows where the model looked, not where disease is.</p>"
     )
     outputs = report["outputs"]
@@ -281,12 +281,11 @@ def report_html(report: dict[str, Any], slices: list[dict[str, Any]], card: dict
         files.append(("DICOM SEG", outputs["dicom_seg"]))
     if outputs.get("dicom_sr"):
         files.append(("DICOM SR", outputs["dicom_sr"]))
-    parts.append(
-        "<h2>Files</h2><ul>" + "".join(f"<li><a href=\"{_e(f)}\">{_e(t)}</a></li>" for t, f in files) + "</ul>"
-    )
+    parts.append("<h2>Files</h2><ul>" + "".join(f'<li><a href="{_e(f)}">{_e(t)}</a></li>' for t, f in files) + "</ul>")
     model = report["model"]
     validation = ", ".join(
-        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in card.get("validation", {}).items()
+        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in card.get("validation", {}).items()
         if not isinstance(v, list)
     )
     parts.append(
@@ -310,7 +309,7 @@ def report_html(report: dict[str, Any], slices: list[dict[str, Any]], card: dict
         )
     )
     timings = ", ".join(f"{k} {v:.2f} s" for k, v in report["timings_s"].items())
-    parts.append(f"<p class=\"muted\">Timings: {_e(timings)}</p>")
+    parts.append(f'<p class="muted">Timings: {_e(timings)}</p>')
     return _page(f"medhybrid report {report['study_key']}", "\n".join(parts))
 
 
@@ -318,28 +317,28 @@ def index_html(rows: Sequence[dict[str, Any]], failed: Sequence[dict[str, Any]],
     """The worklist: studies by descending probability, then the failures with their reasons."""
     parts = [
         "<h1>medhybrid worklist</h1>",
-        f"<div class=\"muted\">{len(rows)} studies reported, {len(failed)} failed · model {_e(meta.get('model'))} · "
+        f'<div class="muted">{len(rows)} studies reported, {len(failed)} failed · model {_e(meta.get("model"))} · '
         f"threshold {meta.get('threshold', 0):.3f} · input {_e(meta.get('input'))}</div>",
-        "<div class=\"banner\">Research use only: sorted by probability of abnormality for review.</div>",
+        '<div class="banner">Research use only: sorted by probability of abnormality for review.</div>',
         "<table><tr><th>#</th><th>Image</th><th>Study</th><th>Probability</th><th>Decision</th>"
         "<th>Lesion (mL)</th><th>QC</th><th>Source</th></tr>",
     ]
     for n, r in enumerate(rows, 1):
         key = _e(r["study_key"])
-        thumb = f"<img class=\"thumb\" src=\"{key}/thumb.png\" alt=\"thumbnail\">" if r.get("thumbnail") else ""
+        thumb = f'<img class="thumb" src="{key}/thumb.png" alt="thumbnail">' if r.get("thumbnail") else ""
         parts.append(
-            f"<tr><td>{n}</td><td><a href=\"{key}/report.html\">{thumb}</a></td>"
-            f"<td><a href=\"{key}/report.html\">{key}</a></td><td>{float(r['probability']):.3f}</td>"
-            f"<td><span class=\"badge {_e(r['decision'])}\">{_e(r['decision'])}</span></td>"
-            f"<td>{_e(r.get('lesion_ml', ''))}</td><td class=\"{_e(r['qc_verdict'])}\">{_e(r['qc_verdict'])}</td>"
-            f"<td class=\"muted\">{_e(r['source'])}</td></tr>"
+            f'<tr><td>{n}</td><td><a href="{key}/report.html">{thumb}</a></td>'
+            f'<td><a href="{key}/report.html">{key}</a></td><td>{float(r["probability"]):.3f}</td>'
+            f'<td><span class="badge {_e(r["decision"])}">{_e(r["decision"])}</span></td>'
+            f'<td>{_e(r.get("lesion_ml", ""))}</td><td class="{_e(r["qc_verdict"])}">{_e(r["qc_verdict"])}</td>'
+            f'<td class="muted">{_e(r["source"])}</td></tr>'
         )
     parts.append("</table>")
     if failed:
         parts.append("<h2>Failed</h2><table><tr><th>Study</th><th>Source</th><th>Error</th><th>Reason</th></tr>")
         parts += [
-            f"<tr><td>{_e(f['study_key'])}</td><td class=\"muted\">{_e(f['source'])}</td>"
-            f"<td><span class=\"badge failed\">{_e(f['error'])}</span></td><td>{_e(f['reason'])}</td></tr>"
+            f'<tr><td>{_e(f["study_key"])}</td><td class="muted">{_e(f["source"])}</td>'
+            f'<td><span class="badge failed">{_e(f["error"])}</span></td><td>{_e(f["reason"])}</td></tr>'
             for f in failed
         ]
         parts.append("</table>")

@@ -124,11 +124,10 @@ def measure_lesions(labels: np.ndarray, spacing: tuple[float, float, float], nam
         if count:
             box = ndimage.find_objects(where.view(np.uint8))[0]
             crop = where[box]
-            connectivity = ndimage.generate_binary_structure(3 if crop.shape[2] > 1 else 2, 3 if crop.shape[2] > 1 else 2)
-            if crop.shape[2] == 1:
-                lab, components = ndimage.label(crop[:, :, 0], structure=connectivity)
-            else:
-                lab, components = ndimage.label(crop, structure=connectivity)
+            if crop.shape[2] == 1:  # 2D: 8-connected
+                crop = crop[:, :, 0]
+            full = ndimage.generate_binary_structure(crop.ndim, crop.ndim)
+            lab, components = ndimage.label(crop, structure=full)
             largest = int(np.bincount(lab.ravel())[1:].max())
         out.append(
             Lesion(

@@ -73,7 +73,7 @@ def to_native(
     # normalised coordinates for align_corners=True: -1 at voxel 0, +1 at voxel (n - 1)
     scale = torch.where(size > 1, 2.0 / (size - 1).clamp(min=1), torch.zeros_like(size))
     ni, nj, nk = native_shape
-    out = np.empty((ni, nj, nk), dtype=dtype)
+    out: np.ndarray = np.empty((ni, nj, nk), dtype=dtype)
     slab = max(1, SLAB_VOXELS // max(ni * nj, 1))
     ii, jj = torch.meshgrid(torch.arange(ni, dtype=torch.float32), torch.arange(nj, dtype=torch.float32), indexing="ij")
     inp = vol[None]  # (1, C, D=src0, H=src1, W=src2)

@@ -116,7 +116,9 @@ class Explainer:
         result["outputs"] = {k: v.detach().float() for k, v in scored.outputs.items()}
         if scored.want_attention:
             with torch.no_grad():
-                rolled = rollout([m.detach().float() for m in scored.attention], scored.grid, "logits" in scored.outputs)
+                rolled = rollout(
+                    [m.detach().float() for m in scored.attention], scored.grid, "logits" in scored.outputs
+                )
                 mode = "trilinear" if rolled.ndim == 5 else "bilinear"
                 up = F.interpolate(rolled, size=tuple(x.shape[2:]), mode=mode, align_corners=False)
                 result["attention"] = normalise(up)

@@ -168,9 +168,7 @@ class HybridModel(MedModel):
             out["seg_logits"] = self.decoder(tokens, fmap.shape[2:], feats[-2::-1], x.shape[2:])
         return out
 
-    def forward_explained(
-        self, x: torch.Tensor
-    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], tuple[int, ...]]:
+    def forward_explained(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], tuple[int, ...]]:
         """``forward`` plus what saliency needs, in one pass: the outputs, the attention weights of every
         block ``(B, heads, N + 1, N + 1)`` (CLS token first) and the token grid (``N = prod(grid)``)."""
         feats = self.forward_features(x)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from medhybrid import __version__
 from medhybrid.errors import InferenceError, InputError, MedHybridError
@@ -52,7 +53,7 @@ from medhybrid.infer.report import (
     jsonable,
     measure_lesions,
 )
-from medhybrid.infer.resample import argmax_labels, to_native, to_uint8
+from medhybrid.infer.resample import argmax_labels, to_native_many, to_uint8
 from medhybrid.io.dicom import DicomSeries, discover_dicom, load_series
 from medhybrid.io.dicom_files import FileProblem, iter_files
 from medhybrid.io.geometry import IngestOptions
@@ -65,6 +66,8 @@ from medhybrid.io.writers import atomic_write_bytes, nifti_bytes
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
+# Below this share of the scan inside the model's input, the report warns that the rest was not assessed.
+FIELD_OF_VIEW_WARN = 0.95
 PARTIAL_PREFIX = ".partial-"
 OLD_PREFIX = ".old-"
 # Image files that are label maps, not studies, when a folder is scanned (synth, MSD and most exports).
@@ -509,14 +512,15 @@ def _finish(
     task, study, pred = item.task, item.study, item.pred
     assert study is not None and pred is not None
     t1 = time.perf_counter()
-    labels = (
-        to_native(pred.seg_probs, pred.affine, study.affine, study.spatial_shape, argmax_labels)
-        if pred.seg_probs is not None
-        else None
-    )
-    saliency = {
-        m: to_native(v, pred.affine, study.affine, study.spatial_shape, to_uint8) for m, v in pred.saliency.items()
-    }
+    maps: list[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], type]] = [
+        (v, to_uint8, np.uint8) for v in pred.saliency.values()
+    ]
+    if pred.seg_probs is not None:
+        maps.append((pred.seg_probs, argmax_labels, np.uint8))
+    coverage: list[float] = []
+    native = to_native_many(maps, pred.affine, study.affine, study.spatial_shape, coverage=coverage)
+    saliency = dict(zip(pred.saliency, native, strict=False))
+    labels = native[-1] if pred.seg_probs is not None else None
     t_resample = time.perf_counter() - t1
     partial = out / f"{PARTIAL_PREFIX}{task.key}"
     if partial.exists():
@@ -524,6 +528,16 @@ def _finish(
     partial.mkdir()
     t2 = time.perf_counter()
     report = _build_report(task, study, pred, predictor, labels, saliency, item.source, options)
+    if coverage and coverage[0] < FIELD_OF_VIEW_WARN:
+        report.qc.append(
+            QCFlag(
+                level="warn",
+                code="partial_field_of_view",
+                message=f"the model saw {coverage[0]:.1%} of the scan (its input is the training crop "
+                f"{predictor.data_cfg.spatial_size} at {predictor.data_cfg.spacing} mm); the rest was not assessed",
+            )
+        )
+        report.qc_verdict = "warn" if report.qc_verdict == "ok" else report.qc_verdict
     _write_outputs(partial, task, study, report, predictor, labels, saliency, options)
     timings = {
         "load": item.t_load,

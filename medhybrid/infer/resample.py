@@ -13,7 +13,7 @@ the scan size, and the result is the same voxel for voxel.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -60,12 +60,31 @@ def to_native(
     Returns:
         ``(I, J, K)`` array of ``dtype``.
     """
-    vol = volume.detach().float()
-    if vol.ndim == 3:  # (C, H, W): a 2D grid becomes one slice thick
-        vol = vol[..., None]
-    if vol.ndim != 4:
-        raise ValueError(f"expected (C, *spatial) with 2 or 3 spatial axes, got {tuple(volume.shape)}")
-    src_shape = vol.shape[1:]
+    return to_native_many([(volume, reduce, dtype)], model_affine, native_affine, native_shape, mode=mode)[0]
+
+
+def to_native_many(
+    volumes: Sequence[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], type]],
+    model_affine: np.ndarray | torch.Tensor,
+    native_affine: np.ndarray,
+    native_shape: tuple[int, int, int],
+    *,
+    mode: str = "bilinear",
+    coverage: list[float] | None = None,
+) -> list[np.ndarray]:
+    """:func:`to_native` for several ``(volume, reduce, dtype)`` on the same model grid: the sampling grid
+    is computed once per slab and all channels are sampled in one ``grid_sample`` call.
+
+    Args:
+        coverage: if given, the share of native voxels inside the model grid's field of view is appended.
+    """
+    vols = [v.detach().float() for v, _, _ in volumes]
+    vols = [v[..., None] if v.ndim == 3 else v for v in vols]  # (C, H, W): a 2D grid is one slice thick
+    if any(v.ndim != 4 for v in vols) or len({v.shape[1:] for v in vols}) != 1:
+        raise ValueError(f"expected (C, *spatial) volumes on one grid, got {[tuple(v.shape) for v, _, _ in volumes]}")
+    splits = [v.shape[0] for v in vols]
+    inp = torch.cat(vols, 0)[None]  # (1, C, D=src0, H=src1, W=src2)
+    src_shape = inp.shape[2:]
     # native voxel -> model voxel
     m = np.linalg.inv(lift_affine(model_affine)) @ np.asarray(native_affine, dtype=np.float64)
     m_t = torch.as_tensor(m[:3], dtype=torch.float32)
@@ -73,28 +92,27 @@ def to_native(
     # normalised coordinates for align_corners=True: -1 at voxel 0, +1 at voxel (n - 1)
     scale = torch.where(size > 1, 2.0 / (size - 1).clamp(min=1), torch.zeros_like(size))
     ni, nj, nk = native_shape
-    out: np.ndarray = np.empty((ni, nj, nk), dtype=dtype)
+    outs: list[np.ndarray] = [np.empty((ni, nj, nk), dtype=dtype) for _, _, dtype in volumes]
     slab = max(1, SLAB_VOXELS // max(ni * nj, 1))
+    # the in-plane part of the mapping is the same for every slice: computed once
     ii, jj = torch.meshgrid(torch.arange(ni, dtype=torch.float32), torch.arange(nj, dtype=torch.float32), indexing="ij")
-    inp = vol[None]  # (1, C, D=src0, H=src1, W=src2)
+    plane = ii[..., None] * m_t[:, 0] + jj[..., None] * m_t[:, 1] + m_t[:, 3]  # (I, J, 3)
+    seen = 0
     for k0 in range(0, nk, slab):
         k1 = min(nk, k0 + slab)
-        shape = (ni, nj, k1 - k0)
         kk = torch.arange(k0, k1, dtype=torch.float32)
-        # model voxel coordinates of every native voxel in the slab: (I, J, k, 3)
-        src = (
-            ii[..., None, None] * m_t[:, 0]
-            + jj[..., None, None] * m_t[:, 1]
-            + kk[None, None, :, None] * m_t[:, 2]
-            + m_t[:, 3]
-        ).expand(*shape, 3)
+        src = plane[:, :, None, :] + kk[None, None, :, None] * m_t[:, 2]  # (I, J, k, 3) model voxel coords
         inside = ((src >= -0.5) & (src <= size - 0.5)).all(-1)
+        seen += int(inside.sum())
         # grid_sample's last grid axis is (x, y, z) = (W, H, D): reverse our (src0, src1, src2)
         grid = (src * scale - (scale > 0).float()).flip(-1)[None]
         sampled = F.grid_sample(inp, grid, mode=mode, padding_mode="border", align_corners=True)[0]
         sampled *= inside
-        out[:, :, k0:k1] = reduce(sampled).cpu().numpy().astype(dtype, copy=False)
-    return out
+        for out, part, (_, reduce, dtype) in zip(outs, sampled.split(splits, 0), volumes, strict=True):
+            out[:, :, k0:k1] = reduce(part).cpu().numpy().astype(dtype, copy=False)
+    if coverage is not None:
+        coverage.append(seen / max(ni * nj * nk, 1))
+    return outs
 
 
 def argmax_labels(probs: torch.Tensor) -> torch.Tensor:

@@ -159,8 +159,13 @@ class HybridModel(MedModel):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.forward_features(x)
+        cls, tokens, _ = self.context(feats[-1])
+        return self._heads(x, feats, cls, tokens)
+
+    def _heads(
+        self, x: torch.Tensor, feats: list[torch.Tensor], cls: torch.Tensor, tokens: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         fmap = feats[-1]
-        cls, tokens, _ = self.context(fmap)
         out: dict[str, torch.Tensor] = {}
         if self.cls_head is not None:
             out["logits"] = self.cls_head(cls, fmap)
@@ -172,15 +177,9 @@ class HybridModel(MedModel):
         """``forward`` plus what saliency needs, in one pass: the outputs, the attention weights of every
         block ``(B, heads, N + 1, N + 1)`` (CLS token first) and the token grid (``N = prod(grid)``)."""
         feats = self.forward_features(x)
-        fmap = feats[-1]
-        cls, tokens, maps = self.context(fmap, return_attention=True)
+        cls, tokens, maps = self.context(feats[-1], return_attention=True)
         assert maps is not None  # return_attention=True always returns the list
-        out: dict[str, torch.Tensor] = {}
-        if self.cls_head is not None:
-            out["logits"] = self.cls_head(cls, fmap)
-        if self.decoder is not None:
-            out["seg_logits"] = self.decoder(tokens, fmap.shape[2:], feats[-2::-1], x.shape[2:])
-        return out, maps, tuple(int(s) for s in fmap.shape[2:])
+        return self._heads(x, feats, cls, tokens), maps, tuple(int(s) for s in feats[-1].shape[2:])
 
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Attention weights of every block, ``(B, heads, N + 1, N + 1)`` with the CLS token first,

@@ -67,6 +67,7 @@ def configure_logging(verbosity: int) -> None:
             root.removeHandler(handler)
     handler = RichHandler(console=stderr, show_path=False, rich_tracebacks=False, markup=False)
     handler._medhybrid = True  # type: ignore[attr-defined]
+    handler.setLevel(level)  # a module may lower its logger's level for a file log (infer.log); not the console
     if verbosity <= 1:
         # Third-party libraries (pydicom's validation chatter, decoder tracebacks) are heard only with -vv:
         # every failure that matters reaches the user as a typed error or a QC reason instead.

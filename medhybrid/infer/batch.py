@@ -19,6 +19,7 @@ unless ``include_phi`` (then they go into report.json/html and the DICOM SEG/SR 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -29,7 +30,7 @@ import shutil
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,10 +258,9 @@ def run_inference(
     tasks, rejected = find_studies(input_path, options)
     out.mkdir(parents=True, exist_ok=True)
     _clean_partials(out)
-    handler = _file_log(out / "infer.log")
     t_start = time.perf_counter()
     book = _Book(out, predictor, Path(input_path), on_study)
-    try:
+    with _file_log(out / "infer.log"):
         logger.info(
             "infer: %d studies under %s with %s (threshold %.3f, %s)",
             len(tasks),
@@ -274,9 +274,6 @@ def run_inference(
         todo = _plan(tasks, out, options, book)
         _Pipeline(predictor, out, options, book, Path(input_path)).run(todo)
         book.write_summary()
-    finally:
-        logging.getLogger("medhybrid").removeHandler(handler)
-        handler.close()
     seconds = time.perf_counter() - t_start
     return InferResult(out, book.rows, book.skipped, book.failed, seconds, dict(book.totals))
 
@@ -484,15 +481,23 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _file_log(path: Path) -> logging.Handler:
+@contextlib.contextmanager
+def _file_log(path: Path) -> Iterator[None]:
+    """INFO and above from medhybrid also go to ``path`` for the duration (the console keeps its level)."""
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     log = logging.getLogger("medhybrid")
+    level = log.level
     log.addHandler(handler)
     if log.getEffectiveLevel() > logging.INFO:
         log.setLevel(logging.INFO)
-    return handler
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        handler.close()
 
 
 def _clean_partials(out: Path) -> None:

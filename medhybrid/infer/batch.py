@@ -368,12 +368,29 @@ class _Pipeline:
                     except Exception as exc:  # noqa: BLE001 - recorded per study, the batch goes on
                         item.failure = _describe(exc, item)
                     item.prepared = None
-                self.inferred.put(item)
+                self._hand_to_writer(item, writer)
         finally:
+            # stop the loader (it may wait for memory or for room in its queue), then let the writer finish
             self.stop.set()
-            self.inferred.put(None)
-            writer.join()
-            loader.join(timeout=60)
+            with self.inflight_cv:
+                self.inflight_cv.notify_all()
+            while loader.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    self.loaded.get(timeout=0.1)
+            if writer.is_alive():
+                self._hand_to_writer(None, writer)
+                writer.join()
+
+    def _hand_to_writer(self, item: _Item | None, writer: threading.Thread) -> None:
+        while True:
+            try:
+                self.inferred.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if not writer.is_alive():
+                    raise InferenceError(
+                        "the writer stopped unexpectedly (see infer.log)", path=self.out, fix="rerun to resume"
+                    ) from None
 
     # --- loader ------------------------------------------------------------------------------------
     def _load_all(self, tasks: list[StudyTask]) -> None:
@@ -400,7 +417,9 @@ class _Pipeline:
 
     def _reserve(self, voxels: int) -> None:
         with self.inflight_cv:
-            self.inflight_cv.wait_for(lambda: self.inflight == 0 or self.inflight + voxels <= INFLIGHT_VOXELS)
+            self.inflight_cv.wait_for(
+                lambda: self.stop.is_set() or self.inflight == 0 or self.inflight + voxels <= INFLIGHT_VOXELS
+            )
             self.inflight += voxels
 
     def _release(self, voxels: int) -> None:
@@ -428,7 +447,10 @@ class _Pipeline:
                         self.book.done(_row(report), timings)
                 if item.failure is not None:
                     self.book.fail(_failure(item.task, item.source, *item.failure))
-                self.book.write_summary()
+                try:
+                    self.book.write_summary()
+                except OSError as exc:  # e.g. disk full: the study folders are what matter; retried next study
+                    logger.error("cannot write summary.csv/index.html: %s", exc)
             finally:
                 item.study = item.pred = None
                 self._release(item.voxels)

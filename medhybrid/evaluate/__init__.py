@@ -1,0 +1,1 @@
+"""Evaluation: metrics with confidence intervals, calibration (issue 6; the command comes next)."""

@@ -437,3 +437,15 @@ def test_pages_render_in_headless_chromium_without_console_errors(inferred: Path
         assert pixels.std() > 10, f"{page} rendered blank"
         # the embedded images were decoded: the page holds dark (CT background) pixels, not just text on white
         assert (pixels < 30).mean() > 0.01, f"{page}: no image content rendered"
+
+
+def test_tta_averages_flips_into_valid_probabilities(cohort: Path, run_dir: Path) -> None:
+    from medhybrid.infer.predictor import Predictor
+
+    study = load_study(cohort / "nifti" / "synth_0000.nii.gz")
+    plain = Predictor(run_dir).predict(study)
+    tta = Predictor(run_dir, tta=True).predict(study)
+    assert tta.seg_probs is not None and plain.seg_probs is not None
+    assert torch.allclose(tta.seg_probs.sum(0), torch.ones(()), atol=1e-5)
+    assert 0.0 <= tta.probability <= 1.0 and tta.probability != plain.probability
+    assert set(tta.saliency) == set(plain.saliency) == {"gradcam", "attention"}

@@ -67,6 +67,7 @@ from medhybrid.io.writers import atomic_write_bytes, nifti_bytes
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
+PATIENT_KEYS = ("PatientName", "PatientID", "PatientBirthDate")  # read only with --include-phi
 # Below this share of the scan inside the model's input, the report warns that the rest was not assessed.
 FIELD_OF_VIEW_WARN = 0.95
 PARTIAL_PREFIX = ".partial-"
@@ -698,9 +699,9 @@ def _patient(task: StudyTask) -> dict[str, str] | None:
     ds = pydicom.dcmread(
         task.series.headers[0].path,
         stop_before_pixels=True,
-        specific_tags=["PatientName", "PatientID", "PatientBirthDate"],
+        specific_tags=list(PATIENT_KEYS),
     )
-    return {k: str(ds.get(k, "")) for k in ("PatientName", "PatientID", "PatientBirthDate")}
+    return {k: str(ds.get(k, "")) for k in PATIENT_KEYS}
 
 
 def _write_outputs(

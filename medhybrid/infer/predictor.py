@@ -13,7 +13,6 @@ when it was trained on patches; saliency is computed per window and blended the 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -211,29 +210,17 @@ class Predictor:
         return {str(k): v for k, v in out.items()}
 
     def _window(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        with autocast(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+        with autocast(self.device):
             result = self.explainer(x)
-        outputs = result.pop("outputs")
-        out = {k: v for k, v in result.items()}
-        if "logits" in outputs:
-            out["probs"] = torch.softmax(outputs["logits"].float(), 1)
-        if "seg_logits" in outputs:
-            out["seg"] = torch.softmax(outputs["seg_logits"].float(), 1)
-        return out
+        return {**_probabilities(result.pop("outputs")), **result}
 
     @torch.no_grad()
     def _plain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Probabilities without saliency (the TTA passes)."""
 
         def run(t: torch.Tensor) -> dict[str, torch.Tensor]:
-            with autocast(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
-                outputs = self.model(t)
-            out = {}
-            if "logits" in outputs:
-                out["probs"] = torch.softmax(outputs["logits"].float(), 1)
-            if "seg_logits" in outputs:
-                out["seg"] = torch.softmax(outputs["seg_logits"].float(), 1)
-            return out
+            with autocast(self.device):
+                return _probabilities(self.model(t))
 
         if not self.sliding:
             return run(x)
@@ -264,6 +251,12 @@ class Predictor:
             probs_sum / n if probs_sum is not None else None,
             seg_sum / n if seg_sum is not None else None,
         )
+
+
+def _probabilities(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Softmax of a model's outputs: ``probs`` ``(B, C)`` from ``logits``, ``seg`` from ``seg_logits``."""
+    names = {"logits": "probs", "seg_logits": "seg"}
+    return {names[k]: torch.softmax(v.float(), 1) for k, v in outputs.items() if k in names}
 
 
 def _model_card(ckpt: dict[str, Any], predictor: Predictor) -> dict[str, Any]:

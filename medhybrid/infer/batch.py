@@ -663,6 +663,7 @@ def _build_report(
             checkpoint=predictor.path.name,
             task=predictor.task,
             medhybrid_version=__version__,
+            temperature=predictor.temperature,
         ),
         source=Source(
             format=study.source_format,

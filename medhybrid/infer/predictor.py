@@ -109,6 +109,7 @@ class Predictor:
         tta: bool = False,
         saliency: tuple[str, ...] = SALIENCY_METHODS,
         threshold: float | None = None,
+        temperature: float | None = None,
     ) -> None:
         self.path = resolve_checkpoint(checkpoint)
         self.device = resolve_device(device)
@@ -127,6 +128,7 @@ class Predictor:
         self.model_name: str = ckpt["model_name"]
         self.model_args: dict[str, Any] = dict(ckpt["model_args"])
         self.task: str = ckpt.get("task", self.data_cfg.task)
+        self.config: dict[str, Any] = dict(ckpt.get("config") or {})
         self.label_names = {int(k): str(v) for k, v in (ckpt.get("label_names") or {}).items()}
         self.mask_label_names = {int(k): str(v) for k, v in (ckpt.get("mask_label_names") or {}).items()}
         self.weights_sha256 = sha256_file(self.path)
@@ -134,7 +136,19 @@ class Predictor:
         self.transform = build_transforms(self.data_cfg, "infer")
         self.sliding = patch_sampling(self.data_cfg)
         self.explainer = Explainer(self.model, saliency)
-        stored = ckpt.get("operating_point")
+        # Temperature scaling and the operating point of calibrated probabilities, stored by
+        # `medhybrid evaluate` (fitted on the validation split); they replace training's uncalibrated one.
+        calibration = ckpt.get("calibration") or {}
+        self.calibration: dict[str, Any] = dict(calibration)
+        fitted = float(calibration.get("temperature", 1.0))
+        self.temperature = fitted if temperature is None else float(temperature)
+        # each stored threshold belongs to the probabilities it was chosen on: calibrated or raw (T = 1)
+        if self.temperature == fitted and calibration.get("operating_point"):
+            stored = calibration["operating_point"]
+        elif self.temperature == 1.0:
+            stored = ckpt.get("operating_point")
+        else:
+            stored = None
         if threshold is not None:
             self.operating_point: dict[str, Any] = {"threshold": float(threshold), "method": "command line"}
         elif stored:
@@ -164,11 +178,12 @@ class Predictor:
         """Preprocess and run the model (with saliency, and flip TTA if enabled) on one study."""
         return self.run(self.preprocess(study))
 
-    def run(self, prepared: Prepared) -> Prediction:
-        """The model on a preprocessed study: probabilities, mask probabilities, saliency."""
+    def run(self, prepared: Prepared, *, explain: bool = True) -> Prediction:
+        """The model on a preprocessed study: probabilities, mask probabilities, saliency (skipped, with
+        its backward pass, when ``explain`` is False)."""
         t1 = time.perf_counter()
         x = prepared.x.to(self.device)
-        explained = self._explained(x)
+        explained = self._explained(x) if explain else self._plain(x)
         probs = explained.get("probs")
         seg = explained.get("seg")
         if self.tta:
@@ -212,7 +227,7 @@ class Predictor:
     def _window(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         with autocast(self.device):
             result = self.explainer(x)
-        return {**_probabilities(result.pop("outputs")), **result}
+        return {**_probabilities(result.pop("outputs"), self.temperature), **result}
 
     @torch.no_grad()
     def _plain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -220,7 +235,7 @@ class Predictor:
 
         def run(t: torch.Tensor) -> dict[str, torch.Tensor]:
             with autocast(self.device):
-                return _probabilities(self.model(t))
+                return _probabilities(self.model(t), self.temperature)
 
         if not self.sliding:
             return run(x)
@@ -253,10 +268,15 @@ class Predictor:
         )
 
 
-def _probabilities(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Softmax of a model's outputs: ``probs`` ``(B, C)`` from ``logits``, ``seg`` from ``seg_logits``."""
-    names = {"logits": "probs", "seg_logits": "seg"}
-    return {names[k]: torch.softmax(v.float(), 1) for k, v in outputs.items() if k in names}
+def _probabilities(outputs: dict[str, torch.Tensor], temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """Softmax of a model's outputs: ``probs`` ``(B, C)`` from ``logits / temperature``, ``seg`` from
+    ``seg_logits`` (the temperature calibrates the study-level probability only)."""
+    out: dict[str, torch.Tensor] = {}
+    if "logits" in outputs:
+        out["probs"] = torch.softmax(outputs["logits"].float() / temperature, 1)
+    if "seg_logits" in outputs:
+        out["seg"] = torch.softmax(outputs["seg_logits"].float(), 1)
+    return out
 
 
 def _model_card(ckpt: dict[str, Any], predictor: Predictor) -> dict[str, Any]:
@@ -278,6 +298,7 @@ def _model_card(ckpt: dict[str, Any], predictor: Predictor) -> dict[str, Any]:
             k[4:]: v for k, v in record.items() if k.startswith("val_") and isinstance(v, (int, float, list))
         },
         "manifest_sha256": ckpt.get("manifest_sha256"),
+        "calibration": {k: v for k, v in (ckpt.get("calibration") or {}).items() if k != "operating_point"},
         "preprocessing": {
             k: ckpt["preprocessing"].get(k)
             for k in ("spatial_dims", "modality", "intensity", "spacing", "orientation", "spatial_size", "patch_size")

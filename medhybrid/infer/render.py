@@ -209,6 +209,15 @@ def _table(rows: Sequence[tuple[str, Any]]) -> str:
     return "<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows) + "</table>"
 
 
+def _calibration_text(calibration: dict[str, Any]) -> str:
+    if not calibration.get("temperature"):
+        return "none (raw softmax probabilities)"
+    text = f"temperature {calibration['temperature']:.3f}, fitted on {calibration.get('fitted_on', '?')}"
+    if calibration.get("ece_before") is not None:
+        text += f" (ECE {calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f})"
+    return text
+
+
 def report_html(report: dict[str, Any], slices: list[dict[str, Any]], card: dict[str, Any]) -> bytes:
     """``report.html`` from the report dict (``StudyReport.model_dump``), the key-slice panels and the model card."""
     decision = report["decision"]
@@ -301,6 +310,7 @@ def report_html(report: dict[str, Any], slices: list[dict[str, Any]], card: dict
                 ("Trained", f"{card.get('trained_epochs')} epochs, best at epoch {card.get('best_epoch')}"),
                 ("Validation (best epoch)", validation or "n/a"),
                 ("Training manifest SHA-256", card.get("manifest_sha256")),
+                ("Calibration", _calibration_text(card.get("calibration") or {})),
                 ("Preprocessing", ", ".join(f"{k}={v}" for k, v in card.get("preprocessing", {}).items())),
                 ("Intended use", card.get("intended_use")),
                 ("medhybrid", model["medhybrid_version"]),

@@ -27,6 +27,9 @@ class ModelInfo(_Model):
     checkpoint: str = Field(description="file name of the checkpoint")
     task: str = Field(description="classification, segmentation or multitask")
     medhybrid_version: str
+    temperature: float = Field(
+        1.0, description="temperature dividing the logits (fitted by `medhybrid evaluate`; 1 = uncalibrated)"
+    )
 
 
 class OperatingPoint(_Model):

@@ -471,6 +471,121 @@ def infer_cmd(
         raise typer.Exit(1)
 
 
+@app.command("evaluate")
+@domain_errors
+def evaluate_cmd(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Run folder (its best.pt) or a checkpoint file.")],
+    manifest: Annotated[Path, typer.Option("--manifest", help="Manifest CSV with labels and/or masks.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics.json, predictions.csv, report.html.")],
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    calibration_split: Annotated[
+        str, typer.Option(help="Split the temperature and operating point are fitted on.")
+    ] = "val",
+    operating_point: Annotated[
+        str | None,
+        typer.Option(help="youden, sensitivity=0.9 or a probability (default: the pipeline's eval.operating_point)."),
+    ] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap replicates for the 95 % CIs.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap and of the cross-fit halves.")] = 0,
+    tta: Annotated[bool, typer.Option("--tta", help="Average over flips along each axis.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    no_saliency: Annotated[bool, typer.Option("--no-saliency", help="Skip saliency maps and faithfulness.")] = False,
+    max_faithfulness: Annotated[int, typer.Option(help="Most studies given a deletion curve.")] = 200,
+    no_store_calibration: Annotated[
+        bool, typer.Option("--no-store-calibration", help="Do not write the fitted temperature into the checkpoint.")
+    ] = False,
+    nsd_tolerance: Annotated[float, typer.Option(help="NSD tolerance in mm.")] = 1.0,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N studies of each split.")] = None,
+) -> None:
+    """Metrics with 95 % CIs (AUROC, rates at the operating point, ECE, Dice/HD95/NSD), saliency faithfulness,
+    temperature scaling stored in the checkpoint; predictions.csv, metrics.json and report.html."""
+    from medhybrid.evaluate.runner import EvaluateOptions, evaluate
+    from medhybrid.runtime import configure_threads
+
+    configure_threads()
+    options = EvaluateOptions(
+        split=split,
+        calibration_split=calibration_split,
+        operating_point=operating_point,
+        n_boot=bootstrap,
+        seed=seed,
+        device=device,
+        tta=tta,
+        saliency=not no_saliency,
+        max_faithfulness=max_faithfulness,
+        store_calibration=not no_store_calibration,
+        nsd_tolerance_mm=nsd_tolerance,
+        limit=limit,
+    )
+    with progress_bar("evaluating", None) as advance:
+        result = evaluate(model, manifest, out, options, on_study=lambda r: advance(1, r.study_id))
+    m = result.metrics
+    lines = [f"{m['n_studies']} studies of split {split!r}, {m['n_failed']} failed"]
+    c = m.get("classification")
+    if c:
+        a, op = c["auroc"], c["at_operating_point"]
+        lines.append(
+            f"AUROC {a['value']:.4f} (95 % CI {a['ci_low']:.4f}-{a['ci_high']:.4f}); at threshold "
+            f"{op['threshold']:.3f}: sensitivity {op['sensitivity']:.3f}, specificity {op['specificity']:.3f}, "
+            f"F1 {op['f1']:.3f}; ECE {c['calibration']['before']['ece']:.4f} -> {c['calibration']['after']['ece']:.4f} "
+            f"(T = {c['temperature']:.3f})"
+        )
+    s = m.get("segmentation")
+    if s:
+        d, h, n = (s["mean"][k] for k in ("dice", "hd95", "nsd"))
+        lines.append(
+            f"Dice {d['value']:.4f} ({d['ci_low']:.4f}-{d['ci_high']:.4f}), HD95 {h['value']:.2f} mm, "
+            f"NSD {n['value']:.4f}"
+        )
+    for method, f in (m.get("faithfulness") or {}).items():
+        if isinstance(f, dict) and "faithfulness" in f:
+            lines.append(f"faithfulness {method}: {f['faithfulness']['value']:+.4f} (deletion AUC vs random)")
+    if m.get("calibration_stored_in"):
+        lines.append(f"temperature and operating point stored in {m['calibration_stored_in']}")
+    lines.append(f"report: {(Path(out) / 'report.html').resolve()}")
+    for line in lines:
+        stdout.print(line, highlight=False, soft_wrap=True)
+    if m["n_failed"] == m["n_studies"]:
+        raise typer.Exit(1)
+
+
+@app.command("compare")
+@domain_errors
+def compare_cmd(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML: the data, budget and seeds every model shares.")],
+    models: Annotated[str, typer.Option(help="Comma-separated registry names; the first is the reference.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for runs, evaluations and the table.")],
+    seeds: Annotated[int, typer.Option(min=1, help="Training seeds per model.")] = 1,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs per run (default: the pipeline's total).")] = None,
+    model_args: Annotated[
+        list[str] | None,
+        typer.Option("--model-args", help="NAME={yaml mapping}: constructor arguments of one model (repeatable)."),
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split the models are evaluated on.")] = "val",
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Pipeline override for every run.")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap replicates.")] = 2000,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Train and evaluate several models under the same data, budget and seeds; write compare.md/csv/json/png."""
+    from medhybrid.evaluate.compare import CompareOptions, compare, markdown_table, parse_model_args
+    from medhybrid.runtime import configure_threads
+
+    configure_threads()
+    options = CompareOptions(
+        models=[m.strip() for m in models.split(",") if m.strip()],
+        seeds=seeds,
+        epochs=epochs,
+        model_args=parse_model_args(model_args or []),
+        split=split,
+        overrides=list(overrides or []),
+        n_boot=bootstrap,
+        device=device,
+    )
+    result = compare(pipeline, out, options, on_event=lambda msg: stderr.print(msg, highlight=False, markup=False))
+    stdout.print(markdown_table(result), highlight=False, markup=False, soft_wrap=True)
+    stdout.print(f"table: {(Path(out) / 'compare.md').resolve()}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

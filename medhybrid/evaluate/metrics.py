@@ -156,3 +156,61 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 def softmax_t(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Class probabilities of ``logits / temperature``."""
     return np.asarray(np.exp(log_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)))
+
+
+def _delta_summary(reps: np.ndarray, value: float, level: float, n_boot: int, seed: int) -> dict[str, Any]:
+    lo, hi = np.nanquantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    return {
+        "value": value,
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "p_le_0": float(np.mean(reps <= 0)),  # share of replicates where A is not better than B
+        "level": level,
+        "n_boot": n_boot,
+        "seed": seed,
+    }
+
+
+def paired_auroc_delta(
+    labels: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    *,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """AUROC(A) - AUROC(B) on the same studies, averaged over training seeds, with a paired stratified
+    bootstrap CI: each replicate resamples the studies once and scores every model and seed on it.
+
+    Args:
+        a, b: ``(seeds, N)`` scores of the two models (rows: seeds; columns: the same studies in order).
+    """
+    y = _binary(labels)
+    a2, b2 = np.atleast_2d(np.asarray(a, dtype=np.float64)), np.atleast_2d(np.asarray(b, dtype=np.float64))
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    rng = np.random.default_rng(seed)
+    ip = rng.integers(0, len(pos), size=(n_boot, len(pos)))
+    ineg = rng.integers(0, len(neg), size=(n_boot, len(neg)))
+
+    def mean_auc(scores: np.ndarray) -> tuple[float, np.ndarray]:
+        point = np.mean([auroc_replicates(s[pos][None], s[neg][None])[0] for s in scores])
+        reps = np.mean([auroc_replicates(s[pos][ip], s[neg][ineg]) for s in scores], axis=0)
+        return float(point), reps
+
+    pa, ra = mean_auc(a2)
+    pb, rb = mean_auc(b2)
+    return _delta_summary(ra - rb, pa - pb, level, n_boot, seed)
+
+
+def paired_mean_delta(
+    a: np.ndarray, b: np.ndarray, *, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, level: float = 0.95
+) -> dict[str, Any]:
+    """Mean(A) - mean(B) of per-study values (e.g. Dice) on the same studies, averaged over seeds, with a
+    paired bootstrap CI over studies. ``a``, ``b``: ``(seeds, N)``; studies NaN in either are left out."""
+    a2, b2 = np.atleast_2d(np.asarray(a, dtype=np.float64)), np.atleast_2d(np.asarray(b, dtype=np.float64))
+    keep = np.all(np.isfinite(a2), axis=0) & np.all(np.isfinite(b2), axis=0)
+    d = a2[:, keep].mean(0) - b2[:, keep].mean(0)  # per-study difference of the seed means
+    rng = np.random.default_rng(seed)
+    reps = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1) if len(d) else np.full(n_boot, math.nan)
+    return {**_delta_summary(reps, float(d.mean()) if len(d) else math.nan, level, n_boot, seed), "n": int(len(d))}

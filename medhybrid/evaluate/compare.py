@@ -1,0 +1,397 @@
+"""``medhybrid compare``: several models trained and evaluated under the same data, budget and seeds.
+
+For every model and seed, the pipeline is loaded with ``model.name`` (and its ``model.args``) replaced,
+the seed set, and one common schedule: ``--epochs`` (default: the pipeline's total) in a single stage at
+the pipeline's last-stage learning rate with one warm-up epoch. A staged schedule that freezes modules
+by name cannot apply to models without those modules, so no model gets its own schedule; the pipeline's
+batch, optimiser, loss, augmentation, early stopping and data are shared. Each run is then evaluated
+with :func:`medhybrid.evaluate.runner.evaluate` on ``--split`` (saliency off).
+
+The table has, per model: the task metric (AUROC or mean Dice, and accuracy/F1 at the operating point or
+HD95/NSD) as the mean over seeds with the study-bootstrap 95 % CI averaged over seeds and the spread over
+seeds; parameters; GFLOPs and eager forward latency for one input of the training size (batch 1, median
+of ``LATENCY_REPEATS``); training time; end-to-end seconds per study in evaluation (times: the median
+over seeds). The difference to
+the first model comes with a paired bootstrap CI over the same studies.
+
+Finished runs of an unchanged configuration are reused, so an interrupted comparison picks up where it
+stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from medhybrid.config import PipelineConfig, load_pipeline
+from medhybrid.errors import ConfigError
+from medhybrid.evaluate import metrics as M
+from medhybrid.evaluate.runner import PREDICTIONS_FILE, EvaluateOptions, evaluate
+from medhybrid.io.writers import atomic_write_bytes
+from medhybrid.models.profile import forward_gflops
+from medhybrid.train import train
+from medhybrid.train.checkpoint import load_checkpoint
+from medhybrid.train.data import load_task_data
+from medhybrid.train.loop import build_model, model_args
+from medhybrid.train.records import BEST_FILE
+
+logger = logging.getLogger(__name__)
+
+LATENCY_REPEATS = 10
+
+
+@dataclass
+class CompareOptions:
+    models: list[str]
+    seeds: int = 1
+    epochs: int | None = None
+    model_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    split: str = "val"
+    overrides: list[str] = field(default_factory=list)
+    n_boot: int = M.DEFAULT_BOOTSTRAP
+    device: str = "auto"
+
+
+def parse_model_args(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``NAME={yaml mapping}`` strings -> ``{NAME: mapping}``.
+
+    Raises:
+        ConfigError: not NAME=MAPPING.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        value = yaml.safe_load(text) if sep else None
+        if not sep or not name or not isinstance(value, dict):
+            raise ConfigError(
+                f"--model-args {item!r} is not NAME={{key: value, ...}}",
+                fix="e.g. --model-args 'vit_tiny_2d={patch_size: 4, hidden_size: 192}'",
+            )
+        out[name.strip()] = value
+    return out
+
+
+def run_config(pipeline: Path, model: str, seed_index: int, options: CompareOptions) -> PipelineConfig:
+    """The pipeline for one (model, seed): same data and budget, this model, this seed."""
+    base = load_pipeline(pipeline, options.overrides)
+    epochs = options.epochs or sum(s.epochs for s in base.train.stages)
+    lr = base.train.stages[-1].lr
+    if model == base.model.name and model not in options.model_args:
+        args = dict(base.model.args)
+    else:
+        args = options.model_args.get(model, {})
+    stage = {"name": "train", "epochs": epochs, "lr": lr, "warmup_epochs": min(1, epochs - 1)}
+    return load_pipeline(
+        pipeline,
+        [
+            *options.overrides,
+            f"model.name={model}",
+            f"model.args={json.dumps(args)}",
+            f"train.stages=[{json.dumps(stage)}]",
+            f"runtime.seed={base.runtime.seed + seed_index}",
+        ],
+    )
+
+
+def _finished(run_dir: Path, cfg: PipelineConfig) -> bool:
+    try:
+        done = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return done.get("status") not in (None, "running") and done.get("config_digest") == cfg.digest()
+
+
+def profile_run(run_dir: Path, cfg: PipelineConfig) -> dict[str, Any]:
+    """Parameters, GFLOPs and eager batch-1 latency of the trained model at its training input size."""
+    ckpt = load_checkpoint(run_dir / BEST_FILE)
+    model = build_model(ckpt["model_name"], ckpt["model_args"]).eval()
+    size = cfg.data.patch_size if cfg.data.task == "segmentation" and cfg.data.patch_size else cfg.data.spatial_size
+    x = torch.zeros(1, model.in_channels, *size)
+    gflops = forward_gflops(model, x)
+    times = []
+    with torch.inference_mode():
+        model(x)
+        for _ in range(LATENCY_REPEATS):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return {
+        "params": int(sum(p.numel() for p in model.parameters())),
+        "gflops": gflops,
+        "latency_ms": 1000 * statistics.median(times),
+        "input": [1, model.in_channels, *size],
+    }
+
+
+def _predictions(eval_dir: Path) -> dict[str, dict[str, str]]:
+    with open(eval_dir / PREDICTIONS_FILE, newline="") as fh:
+        return {r["study_id"]: r for r in csv.DictReader(fh) if r["status"] == "ok"}
+
+
+def _num(text: str) -> float:
+    return float(text) if text not in ("", None) else math.nan
+
+
+def compare(
+    pipeline: Path, out: Path, options: CompareOptions, *, on_event: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Train and evaluate every model for every seed into ``out``; write the table and the plot.
+
+    Raises:
+        ConfigError: a model that does not fit the pipeline (checked for all before anything trains).
+    """
+    say = on_event or (lambda msg: logger.info("%s", msg))
+    out = Path(out)
+    if not options.models:
+        raise ConfigError("no models to compare", fix="--models A,B,C")
+    configs = {
+        (m, s): run_config(pipeline, m, s, options) for m in options.models for s in range(max(options.seeds, 1))
+    }
+    task_data = load_task_data(next(iter(configs.values())))
+    for (m, _), cfg in configs.items():  # fail early: every model must fit the data before hours of training
+        build_model(m, model_args(cfg, task_data))
+    runs: list[dict[str, Any]] = []
+    for (model, seed_index), cfg in configs.items():
+        tag = f"{model}_seed{seed_index}"
+        run_dir, eval_dir = out / "runs" / tag, out / "eval" / tag
+        if _finished(run_dir, cfg):
+            say(f"{tag}: reusing the finished run")
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            say(f"{tag}: training ({cfg.train.stages[0].epochs} epochs, seed {cfg.runtime.seed})")
+            train(cfg, run_dir, on_epoch=lambda r, t=tag: say(_epoch_line(t, r)))
+        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+        say(f"{tag}: evaluating on {options.split}")
+        ev = evaluate(
+            run_dir,
+            cfg.data.manifest,
+            eval_dir,
+            EvaluateOptions(split=options.split, saliency=False, n_boot=options.n_boot, device=options.device),
+        )
+        runs.append(
+            {
+                "model": model,
+                "seed": cfg.runtime.seed,
+                "run_dir": str(run_dir),
+                "eval_dir": str(eval_dir),
+                "epochs": len([h for h in history if "epoch" in h]),
+                "train_seconds": history[-1].get("elapsed_seconds") if history else None,
+                "seconds_per_study": ev.metrics.get("seconds_per_study"),
+                "metrics": {k: ev.metrics[k] for k in ("classification", "segmentation") if k in ev.metrics},
+                **profile_run(run_dir, cfg),
+            }
+        )
+    first_cfg = next(iter(configs.values()))
+    result = summarise(runs, options, first_cfg)
+    result["pipeline"] = str(pipeline)
+    result["command_options"] = {
+        "models": options.models,
+        "seeds": options.seeds,
+        "epochs": first_cfg.train.stages[0].epochs,
+        "split": options.split,
+        "model_args": options.model_args,
+        "overrides": options.overrides,
+    }
+    atomic_write_bytes(out / "compare.json", (json.dumps(result, indent=2, default=_jsonable) + "\n").encode())
+    atomic_write_bytes(out / "compare.md", markdown_table(result).encode())
+    atomic_write_bytes(out / "compare.csv", csv_table(result).encode())
+    atomic_write_bytes(out / "compare.png", plot(result))
+    return result
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    return str(v)
+
+
+def _epoch_line(tag: str, r: dict[str, Any]) -> str:
+    vals = " ".join(f"{k}={v:.4f}" for k, v in r.items() if k.startswith("val_") and isinstance(v, float))
+    return f"{tag}: epoch {r['epoch']} {vals} t={r.get('elapsed_seconds', 0):.0f}s"
+
+
+def _avg_ci(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    vals = [e["value"] for e in entries if e.get("value") is not None and math.isfinite(e["value"])]
+    if not vals:
+        return {"value": math.nan, "ci_low": math.nan, "ci_high": math.nan, "seed_sd": math.nan, "seeds": []}
+    return {
+        "value": float(np.mean(vals)),
+        "ci_low": float(np.mean([e["ci_low"] for e in entries])),
+        "ci_high": float(np.mean([e["ci_high"] for e in entries])),
+        "seed_sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+        "seeds": vals,
+    }
+
+
+def summarise(runs: list[dict[str, Any]], options: CompareOptions, cfg: PipelineConfig) -> dict[str, Any]:
+    """Per-model rows (means over seeds) and paired differences to the first model."""
+    task = "classification" if cfg.data.task == "classification" else "segmentation"
+    rows = []
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_model.setdefault(r["model"], []).append(r)
+    for model, rs in by_model.items():
+        row: dict[str, Any] = {"model": model, "seeds": len(rs)}
+        if task == "classification":
+            cls = [r["metrics"]["classification"] for r in rs]
+            row["auroc"] = _avg_ci([c["auroc"] for c in cls])
+            for k in ("accuracy", "f1", "sensitivity", "specificity"):
+                row[k] = float(np.mean([c["at_operating_point"][k] for c in cls]))
+            row["accuracy_argmax"] = float(np.mean([c["accuracy_argmax"] for c in cls]))
+            row["ece_calibrated"] = float(np.mean([c["calibration"]["after"]["ece"] for c in cls]))
+        else:
+            seg = [r["metrics"]["segmentation"]["mean"] for r in rs]
+            for k in ("dice", "hd95", "nsd"):
+                row[k] = _avg_ci([s[k] for s in seg])
+        # times: the median over seeds (robust to one run slowed by other work on the machine)
+        for k in ("params", "gflops", "latency_ms", "train_seconds", "seconds_per_study", "epochs"):
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            row[k] = float(np.median(vals)) if vals else None
+        rows.append(row)
+    deltas = _paired_deltas(by_model, task, options)
+    for row in rows:
+        row["delta_vs_first"] = deltas.get(row["model"])
+    return {"task": task, "split": options.split, "reference": options.models[0], "rows": rows, "runs": runs}
+
+
+def _paired_deltas(by_model: dict[str, list[dict[str, Any]]], task: str, options: CompareOptions) -> dict[str, Any]:
+    """Each model against the first on the studies that every run scored."""
+    preds = {m: [_predictions(Path(r["eval_dir"])) for r in rs] for m, rs in by_model.items()}
+    common = set.intersection(*(set(p) for ps in preds.values() for p in ps))
+    ids = sorted(common)
+    if not ids:
+        return {}
+    ref = options.models[0]
+    column = "probability" if task == "classification" else None
+
+    def matrix(model: str) -> np.ndarray:
+        if column:
+            return np.asarray([[_num(p[i][column]) for i in ids] for p in preds[model]])
+        rows = []
+        for p in preds[model]:
+            dice_cols = [c for c in next(iter(p.values())) if c.startswith("dice_")]
+            with np.errstate(invalid="ignore"):
+                rows.append([np.nanmean([_num(p[i][c]) for c in dice_cols]) for i in ids])
+        return np.asarray(rows)
+
+    out: dict[str, Any] = {}
+    ref_m = matrix(ref)
+    labels = np.asarray([int(preds[ref][0][i]["label"]) != 0 for i in ids]) if column else None
+    for model in by_model:
+        if model == ref:
+            continue
+        if labels is not None:
+            out[model] = {
+                "metric": "auroc",
+                **M.paired_auroc_delta(labels, matrix(model), ref_m, n_boot=options.n_boot),
+            }
+        else:
+            out[model] = {"metric": "dice", **M.paired_mean_delta(matrix(model), ref_m, n_boot=options.n_boot)}
+        out[model]["n_studies"] = len(ids)
+    return out
+
+
+def _fmt_ci(e: dict[str, Any] | None, d: int = 3) -> str:
+    if not e or e.get("value") is None or not math.isfinite(e["value"]):
+        return "n/a"
+    sd = f" ±{e['seed_sd']:.{d}f}" if len(e.get("seeds", [])) > 1 else ""
+    return f"{e['value']:.{d}f} ({e['ci_low']:.{d}f}-{e['ci_high']:.{d}f}){sd}"
+
+
+def _columns(result: dict[str, Any]) -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
+    def f(key: str, d: int = 3) -> Callable[[dict[str, Any]], str]:
+        return lambda r: "n/a" if r.get(key) is None else f"{r[key]:.{d}f}"
+
+    def delta(r: dict[str, Any]) -> str:
+        e = r.get("delta_vs_first")
+        if not e:
+            return "(reference)"
+        return f"{e['value']:+.3f} ({e['ci_low']:+.3f} to {e['ci_high']:+.3f})"
+
+    if result["task"] == "classification":
+        metric = [
+            ("AUROC (95 % CI) ±seed sd", lambda r: _fmt_ci(r["auroc"])),
+            ("ΔAUROC vs " + result["reference"], delta),
+            ("accuracy", f("accuracy")),
+            ("F1", f("f1")),
+            ("sens.", f("sensitivity")),
+            ("spec.", f("specificity")),
+        ]
+    else:
+        metric = [
+            ("Dice (95 % CI) ±seed sd", lambda r: _fmt_ci(r["dice"])),
+            ("ΔDice vs " + result["reference"], delta),
+            ("HD95 mm", lambda r: _fmt_ci(r["hd95"], 2)),
+            ("NSD", lambda r: _fmt_ci(r["nsd"])),
+        ]
+    return [
+        ("model", lambda r: f"`{r['model']}`"),
+        *metric,
+        ("params (M)", lambda r: f"{r['params'] / 1e6:.2f}"),
+        ("GFLOPs", lambda r: "n/a" if r.get("gflops") is None else f"{r['gflops']:.3g}"),
+        ("latency ms", f("latency_ms", 1)),
+        ("train min", lambda r: "n/a" if r["train_seconds"] is None else f"{r['train_seconds'] / 60:.1f}"),
+        ("s/study", f("seconds_per_study", 3)),
+    ]
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    cols = _columns(result)
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fn(r) for _, fn in cols) + " |" for r in result["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(result: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    cols = _columns(result)
+    w.writerow([c for c, _ in cols])
+    for r in result["rows"]:
+        w.writerow([fn(r).strip("`") for _, fn in cols])
+    return buf.getvalue()
+
+
+def plot(result: dict[str, Any]) -> bytes:
+    """Task metric with its CI per model, and the metric against training time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "auroc" if result["task"] == "classification" else "dice"
+    rows = result["rows"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=110)
+    try:
+        vals = [r[key]["value"] for r in rows]
+        err = [[r[key]["value"] - r[key]["ci_low"] for r in rows], [r[key]["ci_high"] - r[key]["value"] for r in rows]]
+        a1.bar(range(len(rows)), vals, yerr=err, capsize=4, color="#4c72b0")
+        a1.set_xticks(range(len(rows)), [r["model"] for r in rows], rotation=20, ha="right", fontsize=7)
+        lo = min(r[key]["ci_low"] for r in rows)
+        a1.set(ylim=(max(0.0, lo - 0.05), 1.0), ylabel=key, title=f"{key} on {result['split']} (95 % CI)")
+        for r in rows:
+            a2.scatter([(r["train_seconds"] or 0) / 60], [r[key]["value"]])
+            a2.annotate(r["model"], ((r["train_seconds"] or 0) / 60, r[key]["value"]), fontsize=7)
+        a2.set(xlabel="training minutes", ylabel=key, title="metric vs training time")
+        for ax in (a1, a2):
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()

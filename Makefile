@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 SHARED_DATA ?= ../shared/data
 DEMO_OUT ?= demo_out
 
-.PHONY: install browser demo test test-slow lint bench bench-train bench-infer manifests clean
+.PHONY: install browser demo test test-slow lint bench bench-train bench-infer bench-compare manifests clean
 
 install: $(VENV)/.installed
 
@@ -27,13 +27,15 @@ browser:
 	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
 	echo "chromium could not be installed: the browser tests will be skipped"
 
-# The demo: a synthetic cohort (real DICOM series + NIfTI), the demo pipeline trains on it, then `infer` reports on
-# 16 new phantoms (another seed: unseen patients) given as a folder of DICOM studies; it prints the worklist's path.
+# The demo: a synthetic cohort (real DICOM series + NIfTI), the demo pipeline trains on it, `evaluate` scores it on
+# the cohort's test split (CIs, calibration fitted on val and stored in the model), then `infer` reports on 16 new
+# phantoms (another seed: unseen patients) given as a folder of DICOM studies; it prints the worklist's path.
 demo: install
-	rm -rf $(DEMO_OUT)/cohort $(DEMO_OUT)/run $(DEMO_OUT)/new_studies $(DEMO_OUT)/reports
+	rm -rf $(DEMO_OUT)/cohort $(DEMO_OUT)/run $(DEMO_OUT)/evaluation $(DEMO_OUT)/new_studies $(DEMO_OUT)/reports
 	$(BIN)/medhybrid data synth $(DEMO_OUT)/cohort --n 60 --dims 3 --format both --seed 0
 	$(BIN)/medhybrid data validate $(DEMO_OUT)/cohort/manifest.csv
 	$(BIN)/medhybrid train pipelines/demo.yaml --set data.manifest=$(abspath $(DEMO_OUT))/cohort/manifest.csv --out $(DEMO_OUT)/run
+	$(BIN)/medhybrid evaluate --model $(DEMO_OUT)/run --manifest $(DEMO_OUT)/cohort/manifest.csv --split test --out $(DEMO_OUT)/evaluation
 	$(BIN)/medhybrid data synth $(DEMO_OUT)/new_studies --n 16 --dims 3 --format dicom --seed 1
 	$(BIN)/medhybrid infer $(DEMO_OUT)/new_studies/dicom --model $(DEMO_OUT)/run --out $(DEMO_OUT)/reports
 
@@ -59,6 +61,11 @@ bench-train: install
 # Inference benchmark: 200 synthetic studies (throughput, model time share, RSS) and a 512x512x400 CT (peak RSS).
 bench-infer: install
 	$(PY) benchmarks/infer.py
+
+# Hybrid vs ResNet-only vs Transformer-only (PneumoniaMNIST) and vs UNETR/SwinUNETR/U-Net (Hippocampus): about an
+# hour on 2 cores; needs `make manifests` and ../shared/data. Tables in benchmarks/runs/compare_*/compare.md.
+bench-compare: install
+	$(PY) benchmarks/compare.py
 
 # Manifests for ../shared/data (MedMNIST samples are written out as files, so they are generated, not shipped).
 manifests: install

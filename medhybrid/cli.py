@@ -553,13 +553,17 @@ def evaluate_cmd(
 @domain_errors
 def compare_cmd(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML: the data, budget and seeds every model shares.")],
-    models: Annotated[str, typer.Option(help="Comma-separated registry names; the first is the reference.")],
+    models: Annotated[
+        str, typer.Option(help="Registry names or LABEL=NAME, comma-separated; the first is the reference.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for runs, evaluations and the table.")],
     seeds: Annotated[int, typer.Option(min=1, help="Training seeds per model.")] = 1,
     epochs: Annotated[int | None, typer.Option(min=1, help="Epochs per run (default: the pipeline's total).")] = None,
     model_args: Annotated[
         list[str] | None,
-        typer.Option("--model-args", help="NAME={yaml mapping}: constructor arguments of one model (repeatable)."),
+        typer.Option(
+            "--model-args", help="NAME={yaml mapping}: constructor arguments of a model or label (repeatable)."
+        ),
     ] = None,
     split: Annotated[str, typer.Option(help="Split the models are evaluated on.")] = "val",
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Pipeline override for every run.")] = None,

@@ -273,26 +273,29 @@ def test_a_bad_study_is_recorded_and_the_rest_evaluated(cohort: Path, run_dir: P
 def test_compare_runs_end_to_end(cohort: Path, tmp_path: Path) -> None:
     pipe = pipeline(tmp_path, cohort, task="classification")
     opts = CompareOptions(
-        models=["hybrid_tiny_2d", "resnet_tiny_2d", "vit_tiny_2d"],
+        models=["hybrid_tiny_2d", "resnet_tiny_2d", "vit_tiny_2d", "no_context=hybrid_tiny_2d"],
         seeds=2,
         epochs=1,
-        model_args={"vit_tiny_2d": {"patch_size": 16}},
+        model_args={"vit_tiny_2d": {"patch_size": 16}, "no_context": {"context_depth": 0}},
         n_boot=100,
     )
     result = compare(pipe, tmp_path / "cmp", opts)
     rows = {r["model"]: r for r in result["rows"]}
-    assert list(rows) == opts.models
+    assert list(rows) == ["hybrid_tiny_2d", "resnet_tiny_2d", "vit_tiny_2d", "no_context"]
     for r in rows.values():
         assert r["seeds"] == 2 and r["params"] > 0 and r["gflops"] > 0 and r["latency_ms"] > 0
         assert r["train_seconds"] is not None and 0 <= r["auroc"]["value"] <= 1
     assert rows["hybrid_tiny_2d"]["delta_vs_first"] is None
     assert rows["vit_tiny_2d"]["delta_vs_first"]["metric"] == "auroc"
     runs = {(r["model"], r["seed"]) for r in result["runs"]}
-    assert runs == {(m, s) for m in opts.models for s in (5, 6)}
+    assert runs == {(m, s) for m in rows for s in (5, 6)}
+    ablation = load_checkpoint(tmp_path / "cmp" / "runs" / "no_context_seed0" / "best.pt")
+    assert ablation["model_name"] == "hybrid_tiny_2d" and ablation["model_args"]["context_depth"] == 0
+    assert rows["no_context"]["params"] < rows["hybrid_tiny_2d"]["params"]
     vit = load_checkpoint(tmp_path / "cmp" / "runs" / "vit_tiny_2d_seed0" / "best.pt")
     assert vit["model_args"]["patch_size"] == 16
     table = (tmp_path / "cmp" / "compare.md").read_text()
-    assert table.count("\n") == 2 + 3 and "`resnet_tiny_2d`" in table
+    assert table.count("\n") == 2 + 4 and "`resnet_tiny_2d`" in table
     assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
     # a second call reuses the finished runs instead of training again (evaluation is redone)
     history = tmp_path / "cmp" / "runs" / "vit_tiny_2d_seed0" / "metrics.jsonl"

@@ -387,3 +387,17 @@ def test_flop_count_includes_sdpa_attention() -> None:
     fmap = torch.randn(1, 16, 8, 8, 8)
     sdpa, explicit = forward_gflops(ctx, fmap), forward_gflops(Explicit(), fmap)
     assert sdpa == pytest.approx(explicit, rel=0.01)
+
+
+def test_context_depth_zero_is_the_hybrid_without_a_transformer() -> None:
+    from medhybrid.infer.saliency import Explainer, methods_for
+
+    model = create_model("hybrid_tiny_2d", context_depth=0, img_size=32).eval()
+    assert len(model.context.blocks) == 0
+    out = model(torch.randn(2, 1, 32, 32))
+    assert out["logits"].shape == (2, 2) and out["seg_logits"].shape == (2, 2, 32, 32)
+    assert methods_for(model) == ("gradcam",)
+    maps = Explainer(model)(torch.randn(1, 1, 32, 32))
+    assert set(maps) == {"outputs", "gradcam"}
+    with pytest.raises(ModelError, match="depth must be >= 0"):
+        create_model("hybrid_tiny_2d", context_depth=-1)

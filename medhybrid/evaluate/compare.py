@@ -21,6 +21,7 @@ stopped.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -85,21 +86,30 @@ def parse_model_args(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def model_spec(entry: str) -> tuple[str, str]:
+    """``LABEL=NAME`` or ``NAME`` -> (label, registry name); a label lets one model appear twice with
+    different ``--model-args`` (e.g. ``resnet_only=hybrid_r18_3d`` with ``context_depth: 0``)."""
+    label, sep, name = entry.partition("=")
+    return (label.strip(), name.strip()) if sep else (entry.strip(), entry.strip())
+
+
 def run_config(pipeline: Path, model: str, seed_index: int, options: CompareOptions) -> PipelineConfig:
-    """The pipeline for one (model, seed): same data and budget, this model, this seed."""
+    """The pipeline for one (model, seed): same data and budget, this model, this seed (``model`` is a
+    ``--models`` entry; its ``--model-args`` are looked up by label)."""
     base = load_pipeline(pipeline, options.overrides)
+    label, name = model_spec(model)
     epochs = options.epochs or sum(s.epochs for s in base.train.stages)
     lr = base.train.stages[-1].lr
-    if model == base.model.name and model not in options.model_args:
+    if label == base.model.name and label not in options.model_args:
         args = dict(base.model.args)
     else:
-        args = options.model_args.get(model, {})
+        args = options.model_args.get(label, {})
     stage = {"name": "train", "epochs": epochs, "lr": lr, "warmup_epochs": min(1, epochs - 1)}
     return load_pipeline(
         pipeline,
         [
             *options.overrides,
-            f"model.name={model}",
+            f"model.name={name}",
             f"model.args={json.dumps(args)}",
             f"train.stages=[{json.dumps(stage)}]",
             f"runtime.seed={base.runtime.seed + seed_index}",
@@ -158,12 +168,17 @@ def compare(
     out = Path(out)
     if not options.models:
         raise ConfigError("no models to compare", fix="--models A,B,C")
+    labels = [model_spec(m)[0] for m in options.models]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--models has a label twice: {labels}", fix="name repeats LABEL=NAME")
     configs = {
-        (m, s): run_config(pipeline, m, s, options) for m in options.models for s in range(max(options.seeds, 1))
+        (model_spec(m)[0], s): run_config(pipeline, m, s, options)
+        for m in options.models
+        for s in range(max(options.seeds, 1))
     }
     task_data = load_task_data(next(iter(configs.values())))
-    for (m, _), cfg in configs.items():  # fail early: every model must fit the data before hours of training
-        build_model(m, model_args(cfg, task_data))
+    for cfg in configs.values():  # fail early: every model must fit the data before hours of training
+        build_model(cfg.model.name, model_args(cfg, task_data))
     runs: list[dict[str, Any]] = []
     for (model, seed_index), cfg in configs.items():
         tag = f"{model}_seed{seed_index}"
@@ -173,7 +188,7 @@ def compare(
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
             say(f"{tag}: training ({cfg.train.stages[0].epochs} epochs, seed {cfg.runtime.seed})")
-            train(cfg, run_dir, on_epoch=lambda r, t=tag: say(_epoch_line(t, r)))
+            train(cfg, run_dir, on_epoch=functools.partial(_say_epoch, say, tag))
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
         say(f"{tag}: evaluating on {options.split}")
         ev = evaluate(
@@ -185,6 +200,7 @@ def compare(
         runs.append(
             {
                 "model": model,
+                "registry_name": cfg.model.name,
                 "seed": cfg.runtime.seed,
                 "run_dir": str(run_dir),
                 "eval_dir": str(eval_dir),
@@ -219,9 +235,9 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
-def _epoch_line(tag: str, r: dict[str, Any]) -> str:
+def _say_epoch(say: Callable[[str], None], tag: str, r: dict[str, Any]) -> None:
     vals = " ".join(f"{k}={v:.4f}" for k, v in r.items() if k.startswith("val_") and isinstance(v, float))
-    return f"{tag}: epoch {r['epoch']} {vals} t={r.get('elapsed_seconds', 0):.0f}s"
+    say(f"{tag}: epoch {r['epoch']} {vals} t={r.get('elapsed_seconds', 0):.0f}s")
 
 
 def _avg_ci(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -265,7 +281,8 @@ def summarise(runs: list[dict[str, Any]], options: CompareOptions, cfg: Pipeline
     deltas = _paired_deltas(by_model, task, options)
     for row in rows:
         row["delta_vs_first"] = deltas.get(row["model"])
-    return {"task": task, "split": options.split, "reference": options.models[0], "rows": rows, "runs": runs}
+    reference = model_spec(options.models[0])[0]
+    return {"task": task, "split": options.split, "reference": reference, "rows": rows, "runs": runs}
 
 
 def _paired_deltas(by_model: dict[str, list[dict[str, Any]]], task: str, options: CompareOptions) -> dict[str, Any]:
@@ -275,7 +292,7 @@ def _paired_deltas(by_model: dict[str, list[dict[str, Any]]], task: str, options
     ids = sorted(common)
     if not ids:
         return {}
-    ref = options.models[0]
+    ref = model_spec(options.models[0])[0]
     column = "probability" if task == "classification" else None
 
     def matrix(model: str) -> np.ndarray:

@@ -69,10 +69,15 @@ def segmentation_scores(
     yr = one_hot(torch.as_tensor(r.astype(np.int64))[None, None], n_classes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns on empty classes; they are overridden below
-        dice = DiceMetric(include_background=False, reduction="none", ignore_empty=False)(yp, yr)
-        hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(yp, yr, spacing=sp)
-        nsd = SurfaceDiceMetric([nsd_tolerance_mm] * (n_classes - 1), include_background=False, reduction="none")(
-            yp, yr, spacing=sp
+        # the metric objects' __call__ is typed as returning a sequence; with tensors in, a tensor comes out
+        dice = torch.as_tensor(DiceMetric(include_background=False, reduction="none", ignore_empty=False)(yp, yr))
+        hd95 = torch.as_tensor(
+            HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(yp, yr, spacing=sp)
+        )
+        nsd = torch.as_tensor(
+            SurfaceDiceMetric([nsd_tolerance_mm] * (n_classes - 1), include_background=False, reduction="none")(
+                yp, yr, spacing=sp
+            )
         )
     out: dict[str, list[float]] = {m: [] for m in METRICS}
     for c in range(1, n_classes):

@@ -37,7 +37,9 @@ def gradcam_layer(model: nn.Module) -> str | None:
 
 
 def has_attention(model: nn.Module) -> bool:
-    return callable(getattr(model, "forward_explained", None))
+    """The model has Transformer blocks to roll out (a hybrid built with ``context_depth=0`` has none)."""
+    blocks = getattr(getattr(model, "context", None), "blocks", None)
+    return callable(getattr(model, "forward_explained", None)) and bool(blocks is None or len(blocks))
 
 
 def methods_for(model: nn.Module) -> tuple[str, ...]:

@@ -26,7 +26,8 @@ class ContextConfig:
 
     Attributes:
         width: token dimension (model width).
-        depth: number of Transformer blocks.
+        depth: number of Transformer blocks; 0 builds the ablation without a Transformer (tokens are the
+            projected feature map plus position embeddings, and the CLS token is a learned constant).
         heads: attention heads (``width`` must divide by it).
         mlp_ratio: hidden size of each block's MLP, as a multiple of ``width``.
         dropout: dropout after the projection, in the MLP and on the attention output.
@@ -49,8 +50,8 @@ class ContextConfig:
         """Raises: ModelError: a value out of range."""
         if self.heads < 1 or self.width % self.heads:
             raise ModelError(f"context width {self.width} is not divisible by heads {self.heads}")
-        if self.depth < 1 or self.mlp_ratio <= 0:
-            raise ModelError(f"context depth must be >= 1 and mlp_ratio > 0 (got {self.depth}, {self.mlp_ratio})")
+        if self.depth < 0 or self.mlp_ratio <= 0:
+            raise ModelError(f"context depth must be >= 0 and mlp_ratio > 0 (got {self.depth}, {self.mlp_ratio})")
         for name in ("dropout", "attn_dropout", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ModelError(f"context {name} must be in [0, 1), got {getattr(self, name)}")
@@ -130,7 +131,8 @@ class TransformerContext(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.width, *cfg.pos_grid))
         self.pos_drop = nn.Dropout(cfg.dropout)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        rates[-1] = cfg.drop_path  # with one block, that block gets the full rate
+        if rates:
+            rates[-1] = cfg.drop_path  # with one block, that block gets the full rate
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(cfg.width)
         for p in (self.cls_token, self.cls_pos, self.pos_embed):

@@ -1,6 +1,6 @@
 """The hybrid against its peers on real data, with ``medhybrid compare`` (same data, budget and seeds).
 
-1. PneumoniaMNIST (``pipelines/pneumonia_2d.yaml``), 3 seeds x 8 epochs:
+1. PneumoniaMNIST (``pipelines/pneumonia_2d.yaml``), 2 seeds x 8 epochs:
    - ``hybrid_r18_2d`` with the pipeline's arguments (ResNet stages 1-3 at widths 32-128, 16 tokens into a
      2-block Transformer of width 192);
    - ResNet-only: ``resnet18_2d`` with exactly the hybrid's encoder (same stem, widths, strides, three
@@ -8,8 +8,9 @@
    - Transformer-only: MONAI's ViT with 4x4 patches (49 tokens), width 192, 4 blocks, about the hybrid's
      parameter count.
 2. MSD Hippocampus (``pipelines/hippocampus_seg.yaml``), 1 seed x ``HIPPOCAMPUS_EPOCHS`` epochs: the
-   hybrid, MONAI UNETR (Transformer encoder), SwinUNETR (feature size 12: the default 24 costs about 8
-   minutes an epoch here) and BasicUNet (a CNN U-Net).
+   hybrid; ResNet-only: the same network without Transformer blocks (``context_depth: 0``); MONAI UNETR
+   (Transformer encoder); SwinUNETR (feature size 12: the default 24 costs several minutes an epoch
+   here); BasicUNet (a CNN U-Net).
 
 Each comparison is the command printed before it runs (copy it to reproduce one part); finished runs
 are reused. The last line is one JSON object with each table's rows.
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-HIPPOCAMPUS_EPOCHS = 4
+HIPPOCAMPUS_EPOCHS = 3
 
 RESNET_LIKE_HYBRID = (
     "resnet18_2d={widths: [32, 64, 128, 256], stem_channels: 32, stem_stride: 2, pool_stride: 1, "
@@ -41,14 +42,15 @@ def commands(out: Path) -> dict[str, list[str]]:
     return {
         "pneumonia": [
             "compare", "pipelines/pneumonia_2d.yaml",
-            "--models", "hybrid_r18_2d,resnet18_2d,vit_tiny_2d", "--seeds", "3", "--epochs", "8",
+            "--models", "hybrid_r18_2d,resnet18_2d,vit_tiny_2d", "--seeds", "2", "--epochs", "8",
             "--model-args", RESNET_LIKE_HYBRID, "--model-args", VIT_SMALL,
             "--out", str(out / "compare_pneumonia"),
         ],
         "hippocampus": [
             "compare", "pipelines/hippocampus_seg.yaml",
-            "--models", "hybrid_r18_3d,unetr_3d,swinunetr_3d,basicunet_3d", "--seeds", "1",
-            "--epochs", str(HIPPOCAMPUS_EPOCHS), "--model-args", "swinunetr_3d={feature_size: 12}",
+            "--models", "hybrid_r18_3d,resnet_only=hybrid_r18_3d,unetr_3d,swinunetr_3d,basicunet_3d",
+            "--seeds", "1", "--epochs", str(HIPPOCAMPUS_EPOCHS),
+            "--model-args", "resnet_only={context_depth: 0}", "--model-args", "swinunetr_3d={feature_size: 12}",
             "--out", str(out / "compare_hippocampus"),
         ],
     }  # fmt: skip

@@ -310,3 +310,20 @@ def test_compare_rejects_a_model_that_does_not_fit_before_training(cohort: Path,
     with pytest.raises(ConfigError, match="3D"):
         compare(pipe, tmp_path / "bad", CompareOptions(models=["hybrid_tiny_2d", "resnet_tiny_3d"]))
     assert not (tmp_path / "bad" / "runs").exists()
+
+
+def test_saliency_and_tta_leave_the_model_untouched(run_dir: Path) -> None:
+    """MONAI's GradCAM restores the mode of the module it wraps; the model must come out in eval mode with
+    the same BatchNorm statistics, so that later passes (TTA, deletion curves) are not in training mode."""
+    from medhybrid.infer.predictor import Prepared
+
+    predictor = Predictor(run_dir, device="cpu", tta=True)
+    state = {k: v.clone() for k, v in predictor.model.state_dict().items()}
+    prepared = Prepared(torch.randn(1, 1, 64, 64), np.eye(3), 0.0)
+    first = predictor.run(prepared)
+    second = predictor.run(prepared)
+    assert not predictor.model.training
+    assert all(torch.equal(state[k], v) for k, v in predictor.model.state_dict().items())
+    assert first.probability == second.probability
+    plain = predictor.run(prepared, explain=False)
+    assert plain.probability == pytest.approx(first.probability, abs=1e-6)

@@ -98,7 +98,10 @@ class Explainer:
 
     def __init__(self, model: nn.Module, methods: tuple[str, ...] = SALIENCY_METHODS) -> None:
         self.methods = tuple(m for m in methods if m in methods_for(model))
-        self.scored = _Scored(model, "attention" in self.methods)
+        # The wrapper takes the model's mode: MONAI's GradCAM restores the mode of the module it is given
+        # after each call, and a fresh nn.Module is in training mode, which would leave the model in
+        # training mode (batch statistics in BatchNorm, running stats updated by every later forward).
+        self.scored = _Scored(model, "attention" in self.methods).train(model.training)
         layer = gradcam_layer(model) if "gradcam" in self.methods else None
         self.cam = GradCAM(self.scored, target_layers=f"model.{layer}") if layer is not None else None
 
@@ -106,6 +109,7 @@ class Explainer:
         """``x`` ``(B, C, *spatial)`` -> ``outputs`` (the model's output dict, detached) and one
         ``(B, 1, *spatial)`` map in [0, 1] per supported method."""
         scored = self.scored
+        was_training = scored.model.training
         result: dict[str, Any] = {}
         if self.cam is not None:
             with torch.enable_grad(), warnings.catch_warnings():
@@ -125,4 +129,5 @@ class Explainer:
                 up = F.interpolate(rolled, size=tuple(x.shape[2:]), mode=mode, align_corners=False)
                 result["attention"] = normalise(up)
         scored.outputs, scored.attention = {}, []
+        scored.train(was_training)  # whatever GradCAM did, the model leaves in the mode it came in
         return result

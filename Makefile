@@ -62,7 +62,7 @@ bench-train: install
 bench-infer: install
 	$(PY) benchmarks/infer.py
 
-# Hybrid vs ResNet-only vs Transformer-only (PneumoniaMNIST) and vs UNETR/SwinUNETR/U-Net (Hippocampus): about an
+# Hybrid vs ResNet-only vs Transformer-only (PneumoniaMNIST) and vs UNETR and a U-Net (Hippocampus): about an
 # hour on 2 cores; needs `make manifests` and ../shared/data. Tables in benchmarks/runs/compare_*/compare.md.
 bench-compare: install
 	$(PY) benchmarks/compare.py

@@ -198,8 +198,8 @@ class _Evaluator:
         """Deletion curves for studies called abnormal (the maps explain abnormality), up to the cap."""
         if not self.can_delete or self.faithful_done >= self.o.max_faithfulness:
             return False
-        if self.model_threshold is None:
-            return True
+        if self.model_threshold is None:  # not fitted yet (evaluating the calibration split): training's threshold
+            return raw_probability >= self.p.threshold
         p = _calibrate_probability(raw_probability, self.temperature)
         return p >= self.model_threshold
 

@@ -385,15 +385,12 @@ def csv_table(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any]) -> bytes:
     """Task metric with its CI per model, and the metric against training time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from medhybrid.plotting import PngFigure
 
     key = "auroc" if result["task"] == "classification" else "dice"
     rows = result["rows"]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=110)
-    try:
+    with PngFigure(1, 2, figsize=(9, 3.6), dpi=110) as f:
+        a1, a2 = f.axes
         vals = [r[key]["value"] for r in rows]
         err = [[r[key]["value"] - r[key]["ci_low"] for r in rows], [r[key]["ci_high"] - r[key]["value"] for r in rows]]
         a1.bar(range(len(rows)), vals, yerr=err, capsize=4, color="#4c72b0")
@@ -406,9 +403,4 @@ def plot(result: dict[str, Any]) -> bytes:
         a2.set(xlabel="training minutes", ylabel=key, title="metric vs training time")
         for ax in (a1, a2):
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-    finally:
-        plt.close(fig)
-    return buf.getvalue()
+        return f.png()

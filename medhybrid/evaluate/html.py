@@ -3,30 +3,21 @@ embedded as PNG, so the page is one self-contained file)."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from typing import Any
 
-import matplotlib
+from matplotlib.axes import Axes
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
-from matplotlib.axes import Axes  # noqa: E402
-
-from medhybrid.infer.render import _e, _page, _table, data_uri  # noqa: E402
+from medhybrid.infer.render import _e, _page, _table, data_uri
+from medhybrid.plotting import PngFigure
 
 
 def _figure(draw: Callable[[Axes], None], size: tuple[float, float] = (4.2, 3.6)) -> str:
-    fig, ax = plt.subplots(figsize=size, dpi=110)
-    try:
-        draw(ax)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-    finally:
-        plt.close(fig)
-    return f'<img alt="plot" src="{data_uri(buf.getvalue())}">'
+    with PngFigure(figsize=size, dpi=110) as f:
+        draw(f.axes)
+        f.axes.grid(alpha=0.3)
+        png = f.png()
+    return f'<img alt="plot" src="{data_uri(png)}">'
 
 
 def _ci(entry: dict[str, Any] | None, digits: int = 3) -> str:

@@ -72,30 +72,23 @@ def plot_curves(run_dir: Path, history: Sequence[dict[str, Any]], select: str) -
     """Loss and the selection metric per epoch, stage boundaries dashed. ``None`` if nothing to plot."""
     if not history:
         return None
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from medhybrid.plotting import PngFigure
 
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [h.get("train_loss") for h in history], "o-", label="train")
-    if any("val_loss" in h for h in history):
-        ax_loss.plot(epochs, [h.get("val_loss", math.nan) for h in history], "o-", label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_loss.legend()
-    key = f"val_{select}"
-    ax_metric.plot(epochs, [h.get(key, math.nan) for h in history], "o-", color="tab:green")
-    ax_metric.set(xlabel="epoch", ylabel=select, title=f"validation {select}")
-    for ax in (ax_loss, ax_metric):
-        for prev, cur in zip(history, history[1:], strict=False):
-            if cur["stage"] != prev["stage"]:
-                ax.axvline(cur["epoch"] - 0.5, color="grey", linestyle="--", linewidth=0.8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return atomic_write_bytes(run_dir / CURVES_FILE, buf.getvalue())
+    with PngFigure(1, 2, figsize=(10, 4)) as f:
+        ax_loss, ax_metric = f.axes
+        ax_loss.plot(epochs, [h.get("train_loss") for h in history], "o-", label="train")
+        if any("val_loss" in h for h in history):
+            ax_loss.plot(epochs, [h.get("val_loss", math.nan) for h in history], "o-", label="validation")
+        ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+        ax_loss.legend()
+        key = f"val_{select}"
+        ax_metric.plot(epochs, [h.get(key, math.nan) for h in history], "o-", color="tab:green")
+        ax_metric.set(xlabel="epoch", ylabel=select, title=f"validation {select}")
+        for ax in (ax_loss, ax_metric):
+            for prev, cur in zip(history, history[1:], strict=False):
+                if cur["stage"] != prev["stage"]:
+                    ax.axvline(cur["epoch"] - 0.5, color="grey", linestyle="--", linewidth=0.8)
+            ax.grid(alpha=0.3)
+        png = f.png(dpi=100)
+    return atomic_write_bytes(run_dir / CURVES_FILE, png)

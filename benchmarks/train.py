@@ -35,7 +35,7 @@ from typing import Any
 
 from medhybrid.config import load_pipeline
 from medhybrid.train import train
-from medhybrid.train.records import read_metrics
+from medhybrid.train.records import finished_run, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = REPO / "pipelines"
@@ -50,9 +50,9 @@ RESNET_OVERRIDES = [
 def run(pipeline: str, out: Path, overrides: list[str], reuse: bool = False) -> dict[str, Any]:
     cfg = load_pipeline(PIPELINES / pipeline, overrides)
     run_dir = out / f"{cfg.name}_{cfg.model.name}"
-    if reuse and (run_dir / "run.json").is_file():
-        done = json.loads((run_dir / "run.json").read_text())
-        if done["status"] != "running" and done["config_digest"] == cfg.digest():
+    if reuse:
+        done = finished_run(run_dir, cfg.digest())
+        if done is not None:
             print(f"  [{cfg.name}/{cfg.model.name}] reusing the finished run in {run_dir}", flush=True)
             history = read_metrics(run_dir)
             return {

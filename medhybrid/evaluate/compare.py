@@ -48,7 +48,7 @@ from medhybrid.train import train
 from medhybrid.train.checkpoint import load_checkpoint
 from medhybrid.train.data import load_task_data
 from medhybrid.train.loop import build_model, model_args
-from medhybrid.train.records import BEST_FILE
+from medhybrid.train.records import BEST_FILE, finished_run, read_metrics, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -117,14 +117,6 @@ def run_config(pipeline: Path, model: str, seed_index: int, options: CompareOpti
     )
 
 
-def _finished(run_dir: Path, cfg: PipelineConfig) -> bool:
-    try:
-        done = json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return done.get("status") not in (None, "running") and done.get("config_digest") == cfg.digest()
-
-
 def profile_run(run_dir: Path, cfg: PipelineConfig) -> dict[str, Any]:
     """Parameters, GFLOPs and eager batch-1 latency of the trained model at its training input size."""
     ckpt = load_checkpoint(run_dir / BEST_FILE)
@@ -183,13 +175,13 @@ def compare(
     for (model, seed_index), cfg in configs.items():
         tag = f"{model}_seed{seed_index}"
         run_dir, eval_dir = out / "runs" / tag, out / "eval" / tag
-        if _finished(run_dir, cfg):
+        if finished_run(run_dir, cfg.digest()):
             say(f"{tag}: reusing the finished run")
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
             say(f"{tag}: training ({cfg.train.stages[0].epochs} epochs, seed {cfg.runtime.seed})")
             train(cfg, run_dir, on_epoch=functools.partial(_say_epoch, say, tag))
-        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+        history = read_metrics(run_dir)
         say(f"{tag}: evaluating on {options.split}")
         ev = evaluate(
             run_dir,
@@ -222,17 +214,11 @@ def compare(
         "model_args": options.model_args,
         "overrides": options.overrides,
     }
-    atomic_write_bytes(out / "compare.json", (json.dumps(result, indent=2, default=_jsonable) + "\n").encode())
+    write_json(out / "compare.json", result)
     atomic_write_bytes(out / "compare.md", markdown_table(result).encode())
     atomic_write_bytes(out / "compare.csv", csv_table(result).encode())
     atomic_write_bytes(out / "compare.png", plot(result))
     return result
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
-    return str(v)
 
 
 def _say_epoch(say: Callable[[str], None], tag: str, r: dict[str, Any]) -> None:

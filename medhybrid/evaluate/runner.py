@@ -56,6 +56,7 @@ from medhybrid.io.scan import load_study
 from medhybrid.io.writers import atomic_write_bytes, save_nifti
 from medhybrid.train.checkpoint import load_checkpoint, save_checkpoint
 from medhybrid.train.evaluate import abnormality, operating_point
+from medhybrid.train.records import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -484,7 +485,7 @@ def evaluate(
     score_of = dict(zip((r.study_id for r in labelled), scores, strict=True)) if scores is not None else {}
     thr_of = dict(zip((r.study_id for r in labelled), thresholds, strict=True)) if thresholds is not None else {}
     atomic_write_bytes(out / PREDICTIONS_FILE, _predictions_csv(records, predictor, score_of, thr_of))
-    atomic_write_bytes(out / METRICS_FILE, _json_bytes(result))
+    write_json(out / METRICS_FILE, result)
     if o.report:
         from medhybrid.evaluate.html import evaluation_html
 
@@ -532,22 +533,3 @@ def _predictions_csv(
         row += [";".join(r.saliency_files.values()), f"{r.seconds:.3f}", r.error or ""]
         writer.writerow(row)
     return buf.getvalue().encode()
-
-
-def _json_bytes(obj: Any) -> bytes:
-    import json
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {str(k): clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        if isinstance(v, (np.floating, float)):
-            return None if not math.isfinite(float(v)) else float(v)
-        if isinstance(v, np.integer):
-            return int(v)
-        if isinstance(v, MinSensitivity):
-            return v.model_dump()
-        return v
-
-    return (json.dumps(clean(obj), indent=2) + "\n").encode()

@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
+from pydantic import BaseModel
 
 from medhybrid.io.writers import atomic_write_bytes
 
@@ -19,18 +21,24 @@ CONFIG_FILE, METRICS_FILE, CURVES_FILE, RUN_FILE = "config.yaml", "metrics.jsonl
 BEST_FILE, LAST_FILE, TB_DIR = "best.pt", "last.pt", "tensorboard"
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """Plain JSON data: NaN/inf become null (JSON has none; null reads as "undefined"), NumPy scalars
+    become Python numbers, pydantic models their dicts, keys strings."""
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN; null reads as "undefined"
+        return None
+    if isinstance(value, BaseModel):
+        return json_safe(value.model_dump())
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    return atomic_write_bytes(path, (json.dumps(_json_safe(obj), indent=2) + "\n").encode())
+    return atomic_write_bytes(path, (json.dumps(json_safe(obj), indent=2) + "\n").encode())
 
 
 def write_config(run_dir: Path, config: dict[str, Any]) -> Path:
@@ -38,8 +46,17 @@ def write_config(run_dir: Path, config: dict[str, Any]) -> Path:
 
 
 def write_metrics(run_dir: Path, history: Sequence[dict[str, Any]]) -> Path:
-    lines = "".join(json.dumps(_json_safe(h)) + "\n" for h in history)
+    lines = "".join(json.dumps(json_safe(h)) + "\n" for h in history)
     return atomic_write_bytes(run_dir / METRICS_FILE, lines.encode())
+
+
+def finished_run(run_dir: Path, digest: str) -> dict[str, Any] | None:
+    """``run.json`` of a finished run (any status but ``running``) of the config with this digest, else None."""
+    try:
+        done = json.loads((Path(run_dir) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return done if done.get("status") not in (None, "running") and done.get("config_digest") == digest else None
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -444,7 +444,7 @@ def evaluate(
         "bootstrap": {"n_boot": o.n_boot, "seed": o.seed, "level": 0.95, "method": "percentile"},
         "tta": o.tta,
         "medhybrid_version": __version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     scores = thresholds = None
     labelled = [r for r in ok if r.label is not None and r.class_probs is not None]

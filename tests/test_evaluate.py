@@ -23,7 +23,7 @@ from medhybrid.data.synth import synthesize_cohort
 from medhybrid.errors import ConfigError, InputError
 from medhybrid.evaluate.compare import CompareOptions, compare, parse_model_args
 from medhybrid.evaluate.faithfulness import area, deletion_inputs, deletion_scores
-from medhybrid.evaluate.metrics import paired_auroc_delta, paired_mean_delta
+from medhybrid.evaluate.bootstrap import paired_auroc_delta, paired_mean_delta
 from medhybrid.evaluate.runner import EvaluateOptions, evaluate, parse_operating_point
 from medhybrid.evaluate.segmentation import segmentation_scores
 from medhybrid.infer.predictor import Predictor

@@ -40,7 +40,7 @@ import yaml
 
 from medhybrid.config import PipelineConfig, load_pipeline
 from medhybrid.errors import ConfigError
-from medhybrid.evaluate import metrics as M
+from medhybrid.evaluate import bootstrap as B
 from medhybrid.evaluate.runner import PREDICTIONS_FILE, EvaluateOptions, evaluate
 from medhybrid.io.writers import atomic_write_bytes
 from medhybrid.models.profile import forward_gflops
@@ -63,7 +63,7 @@ class CompareOptions:
     model_args: dict[str, dict[str, Any]] = field(default_factory=dict)
     split: str = "val"
     overrides: list[str] = field(default_factory=list)
-    n_boot: int = M.DEFAULT_BOOTSTRAP
+    n_boot: int = B.DEFAULT_BOOTSTRAP
     device: str = "auto"
 
 
@@ -300,10 +300,10 @@ def _paired_deltas(by_model: dict[str, list[dict[str, Any]]], task: str, options
         if labels is not None:
             out[model] = {
                 "metric": "auroc",
-                **M.paired_auroc_delta(labels, matrix(model), ref_m, n_boot=options.n_boot),
+                **B.paired_auroc_delta(labels, matrix(model), ref_m, n_boot=options.n_boot),
             }
         else:
-            out[model] = {"metric": "dice", **M.paired_mean_delta(matrix(model), ref_m, n_boot=options.n_boot)}
+            out[model] = {"metric": "dice", **B.paired_mean_delta(matrix(model), ref_m, n_boot=options.n_boot)}
         out[model]["n_studies"] = len(ids)
     return out
 

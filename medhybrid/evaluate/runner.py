@@ -44,6 +44,7 @@ import torch
 from medhybrid import __version__
 from medhybrid.config import EvalConfig, MinSensitivity
 from medhybrid.errors import InputError, MedHybridError
+from medhybrid.evaluate import bootstrap as B
 from medhybrid.evaluate import metrics as M
 from medhybrid.evaluate.faithfulness import DEFAULT_STEPS, deletion_scores
 from medhybrid.evaluate.segmentation import DEFAULT_NSD_TOLERANCE_MM, METRICS, segmentation_scores
@@ -74,7 +75,7 @@ class EvaluateOptions:
     split: str = "test"
     calibration_split: str = "val"
     operating_point: str | None = None  # "youden", "sensitivity=0.9", a probability; None: the pipeline's
-    n_boot: int = M.DEFAULT_BOOTSTRAP
+    n_boot: int = B.DEFAULT_BOOTSTRAP
     seed: int = 0
     device: str = "auto"
     tta: bool = False
@@ -308,7 +309,7 @@ def classification_metrics(
         out["operating_point"] = op
     score = abnormality(probs)
     abnormal = labels != 0
-    out["auroc"] = M.auroc_ci(abnormal, score, n_boot=n_boot, seed=seed)
+    out["auroc"] = B.auroc_ci(abnormal, score, n_boot=n_boot, seed=seed)
     called = score >= thresholds
     at_op = M.binary_metrics(abnormal, called.astype(float), 0.5)
     at_op["threshold"] = float(np.mean(thresholds))
@@ -339,11 +340,11 @@ def segmentation_summary(
         for c in range(table.shape[1]):
             name = class_names.get(c + 1, f"class {c + 1}")
             entry = out["per_class"].setdefault(name, {})
-            entry[metric] = M.mean_ci(table[:, c], n_boot=n_boot, seed=seed)
+            entry[metric] = B.mean_ci(table[:, c], n_boot=n_boot, seed=seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a study with every class empty: NaN, excluded
             per_study = np.nanmean(table, axis=1)
-        out["mean"][metric] = M.mean_ci(per_study, n_boot=n_boot, seed=seed)
+        out["mean"][metric] = B.mean_ci(per_study, n_boot=n_boot, seed=seed)
         if metric == "dice":
             out["n_both_empty"] = int(np.isnan(table).sum())  # (study, class) pairs with nothing on either side
     return out
@@ -358,10 +359,10 @@ def faithfulness_summary(records: Sequence[StudyRecord], *, n_boot: int, seed: i
         curves = np.asarray([d[name]["curve"] for d in done])
         entry: dict[str, Any] = {
             "mean_curve": curves.mean(0).tolist(),
-            "auc": M.mean_ci(np.asarray([d[name]["auc"] for d in done]), n_boot=n_boot, seed=seed),
+            "auc": B.mean_ci(np.asarray([d[name]["auc"] for d in done]), n_boot=n_boot, seed=seed),
         }
         if name != "random":
-            entry["faithfulness"] = M.mean_ci(
+            entry["faithfulness"] = B.mean_ci(
                 np.asarray([d[name]["faithfulness"] for d in done]), n_boot=n_boot, seed=seed
             )
         out[name] = entry

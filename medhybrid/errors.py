@@ -78,6 +78,18 @@ class ImageReadError(InputError):
     code = "image_read"
 
 
+class PreprocessingError(InputError):
+    """A study was read but a preprocessing transform (orientation, resampling, crop, ...) failed on it."""
+
+    code = "preprocessing"
+
+
+class GeometryMismatchError(InputError):
+    """Two images that must share a world frame (a study and its reference mask) do not overlap."""
+
+    code = "geometry_mismatch"
+
+
 # --- DICOM: per file ---------------------------------------------------------------------------
 
 

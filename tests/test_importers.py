@@ -60,7 +60,9 @@ def test_medmnist_files_read_back_as_medmnist_study(tmp_path: Path, shape: tuple
         got = read_image(row.image)
         assert got.array.shape == expected.array.shape
         np.testing.assert_array_equal(got.array, expected.array)
-        np.testing.assert_array_equal(got.affine, np.eye(4))
+        # 2D (PNG) gets the geometry-less 2D affine (DICOM's default axial), 3D (NIfTI) the identity
+        np.testing.assert_array_equal(got.affine, np.diag([-1.0, -1.0, 1.0, 1.0]) if suffix == ".png" else np.eye(4))
+        np.testing.assert_array_equal(got.affine, expected.affine)
     report = validate_manifest(manifest_path)
     assert report.ok and report.split_counts == SPLITS
 

@@ -11,7 +11,9 @@ Modes:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -38,18 +40,26 @@ from monai.transforms import (
 )
 
 from medhybrid.config import CT_WINDOWS, DataConfig
-from medhybrid.errors import InputError, MedHybridError
+from medhybrid.errors import InputError, MedHybridError, PreprocessingError
 from medhybrid.io.readers import read_image
 from medhybrid.io.scan import load_study
-from medhybrid.io.study import Study
+from medhybrid.io.study import Study, display_affine
 
 Mode = Literal["train", "val", "infer"]
 IMAGE, MASK, LABEL = "image", "mask", "label"
 
 
+def frame_affine(affine: np.ndarray, spatial_dims: int) -> np.ndarray:
+    """The world frame a study is preprocessed in: its RAS affine for a 3D model, its display frame
+    (:func:`medhybrid.io.study.display_affine`) for a 2D model. Model outputs carry the affine of the
+    model grid in the same frame, and go back to the scan through this one."""
+    return display_affine(affine) if spatial_dims == 2 else np.asarray(affine, dtype=np.float64)
+
+
 class LoadStudyd(MapTransform):
     """Read ``image`` (any source :func:`load_study` takes: file, DICOM file or folder, or a loaded
-    :class:`Study`) and ``mask`` into channel-first ``MetaTensor`` s carrying the RAS affine.
+    :class:`Study`) and ``mask`` into channel-first ``MetaTensor`` s carrying the affine of
+    :func:`frame_affine` (RAS in 3D, the display frame in 2D).
 
     MONAI's ``LoadImaged`` is not used because our reader does the DICOM series selection, geometry
     checks and typed errors that the rest of medhybrid relies on.
@@ -79,7 +89,8 @@ class LoadStudyd(MapTransform):
                 array = array[..., 0]
             # no copy when the study is float32 already (a 512x512x400 CT is 400 MB): the tensor views it
             tensor = torch.from_numpy(np.asarray(array, dtype=np.float32))
-            d[key] = MetaTensor(tensor, affine=torch.as_tensor(study.affine, dtype=torch.float64))
+            affine = frame_affine(study.affine, self.spatial_dims)
+            d[key] = MetaTensor(tensor, affine=torch.as_tensor(affine, dtype=torch.float64))
         return d
 
 
@@ -151,20 +162,37 @@ def patch_sampling(cfg: DataConfig) -> bool:
 
 
 def apply(transform: Compose, item: Mapping[Hashable, Any]) -> Any:
-    """Run ``transform`` on ``item``; a medhybrid error raised inside comes out as itself.
+    """Run ``transform`` on ``item``; every failure comes out as a typed error naming the file.
 
-    MONAI wraps every exception of a transform in ``RuntimeError("applying transform ...")``; the typed
-    error (file, fix) is what a user needs, so it is taken back out of the chain.
+    MONAI wraps every exception of a transform in ``RuntimeError("applying transform ...")``. A medhybrid
+    error raised inside (file, fix) is taken back out of the chain as itself; anything else (a MONAI or
+    torch error on a study the transforms cannot handle) becomes a :class:`PreprocessingError` naming the
+    study's file, the transform and the cause, so one bad study is reported and the batch goes on.
     """
     try:
         return transform(item)
-    except RuntimeError as exc:
+    except Exception as exc:
         cause: BaseException | None = exc
         while cause is not None and not isinstance(cause, MedHybridError):
             cause = cause.__cause__
         if cause is not None:
             raise cause from None
-        raise
+        raise _preprocessing_error(exc, item) from exc
+
+
+def _preprocessing_error(exc: Exception, item: Mapping[Hashable, Any]) -> PreprocessingError:
+    image = item.get(IMAGE)
+    path = image.source if isinstance(image, Study) else image if isinstance(image, (str, Path)) else None
+    step = re.search(r"<monai\.transforms\.[\w.]*?(\w+) object", str(exc))
+    root: BaseException = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    detail = str(root).strip().splitlines()[0][:200] if str(root).strip() else type(root).__name__
+    return PreprocessingError(
+        f"preprocessing failed in {step.group(1) if step else type(exc).__name__}: {type(root).__name__}: {detail}",
+        path=path,
+        fix="check the image's geometry and size against the pipeline's preprocessing (data section)",
+    )
 
 
 def build_transforms(cfg: DataConfig, mode: Mode) -> Compose:

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from medhybrid.errors import ImageReadError, InputError, UnsupportedFormatError
-from medhybrid.io.study import LPS_TO_RAS, QCReport, Study, Verdict, study_key
+from medhybrid.io.study import GEOMETRYLESS_2D_AFFINE, LPS_TO_RAS, QCReport, Study, Verdict, study_key
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,8 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _read_png(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """PNG pixels as they are stored: grey (8/16-bit), palette *indices* (label maps), 1-bit as 0/1,
-    colour as RGB channels; 1 mm pixels, identity affine."""
+    colour as RGB channels; 1 mm pixels and the geometry-less 2D affine (DICOM's default axial orientation,
+    as for a radiograph without ImageOrientationPatient: see :mod:`medhybrid.io.study`)."""
     with Image.open(path) as im:
         if im.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
             array = np.asarray(im.convert("RGB"))  # (rows, cols, 3)
@@ -138,8 +139,8 @@ def _read_png(path: Path) -> tuple[np.ndarray, np.ndarray]:
     array = array.astype(np.uint8) if array.dtype == bool else array
     # PIL gives (rows, cols[, 3]); medhybrid indexes (i=column, j=row): swap the two, keep channels last
     if array.ndim == 3:
-        return np.transpose(array, (1, 0, 2))[:, :, np.newaxis, :], np.eye(4)
-    return array.T, np.eye(4)
+        return np.transpose(array, (1, 0, 2))[:, :, np.newaxis, :], GEOMETRYLESS_2D_AFFINE.copy()
+    return array.T, GEOMETRYLESS_2D_AFFINE.copy()
 
 
 def _read_sitk(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -186,7 +187,7 @@ def read_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
             return shape + (1,) * (3 - len(shape)), np.asarray(img.affine, dtype=float)
         if fmt == "png":
             with Image.open(path) as im:
-                return (im.size[0], im.size[1], 1), np.eye(4)
+                return (im.size[0], im.size[1], 1), GEOMETRYLESS_2D_AFFINE.copy()
         if fmt in ("nrrd", "mha"):
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
@@ -240,7 +241,8 @@ def read_medmnist(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def medmnist_study(images: np.ndarray, index: int, source: Path, split: str) -> Study:
-    """One MedMNIST sample as a Study (1 mm isotropic, identity affine; MedMNIST keeps no geometry).
+    """One MedMNIST sample as a Study, 1 mm isotropic (MedMNIST keeps no geometry): a 2D image gets the
+    geometry-less 2D affine, as its PNG export does; a 3D volume the identity, as its NIfTI export does.
 
     MedMNIST stores 2D images as (H, W) and 3D as (D?, H, W)-like cubes; both are transposed to the
     medhybrid (i=column, j=row, k) order.
@@ -250,4 +252,6 @@ def medmnist_study(images: np.ndarray, index: int, source: Path, split: str) -> 
         array = np.transpose(sample, (1, 0, 2))[:, :, np.newaxis, :]  # RGB 2D
     else:
         array = sample.T
-    return make_study(array, np.eye(4), source, "medmnist", key=study_key(f"{source.resolve()}#{split}/{index}"))
+    affine = GEOMETRYLESS_2D_AFFINE if array.ndim == 2 or array.shape[2] == 1 else np.eye(4)
+    key = study_key(f"{source.resolve()}#{split}/{index}")
+    return make_study(array, affine.copy(), source, "medmnist", key=key)

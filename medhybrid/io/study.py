@@ -24,6 +24,14 @@ from typing import Any
 import numpy as np
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# The RAS affine of a 2D image without patient geometry: DICOM's default axial orientation, 1 mm pixels.
+GEOMETRYLESS_2D_AFFINE = LPS_TO_RAS.copy()
+# Screen directions (right, down) in RAS for the plane a 2D image lies in, as radiologists display it.
+_SCREEN_AXES: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "sagittal": ((0.0, -1.0, 0.0), (0.0, 0.0, -1.0)),  # screen right -> posterior, down -> inferior
+    "coronal": ((-1.0, 0.0, 0.0), (0.0, 0.0, -1.0)),  # screen right -> patient left, down -> inferior
+    "axial": ((-1.0, 0.0, 0.0), (0.0, -1.0, 0.0)),  # screen right -> patient left, down -> posterior
+}
 
 # Metadata that may travel into logs, reports and file names. Everything that identifies a patient
 # (name, IDs, birth date, dates of the study, institution, physicians) is deliberately absent.
@@ -103,6 +111,43 @@ def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel size in mm along i, j, k: the norms of the affine's first three columns."""
     norms = np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
     return (float(norms[0]), float(norms[1]), float(norms[2]))
+
+
+def image_plane(affine: np.ndarray) -> str:
+    """``axial``, ``coronal`` or ``sagittal``: the patient plane closest to the image's (i, j) plane."""
+    a = np.asarray(affine, dtype=float)[:3, :3]
+    normal = np.cross(a[:, 0], a[:, 1])
+    return ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(normal)))]
+
+
+def display_affine(affine: np.ndarray) -> np.ndarray:
+    """The 2D display frame of a one-slice image (module docstring): a 4x4 affine from voxel ``(i, j, 0)``
+    to display millimetres ``(u, v, 0)``, ``u`` to the screen's right and ``v`` down (the world position
+    projected on those directions), with the image's pixel spacing; ``u``/``v`` are the frame's first two
+    (positive, "RA") axes.
+
+    Each image axis is mapped to the screen axis it is most aligned with (an oblique slice to the nearest
+    one), with the sign of that alignment, so reorienting to the frame's positive axes (MONAI's
+    ``Orientation("RA")``) only flips or transposes the pixel array, never resamples it.
+    """
+    a = np.asarray(affine, dtype=float)[:3, :3]
+    right, down = (np.asarray(v) for v in _SCREEN_AXES[image_plane(affine)])
+    spacing = np.linalg.norm(a[:, :2], axis=0)
+    unit = a[:, :2] / spacing
+    align = np.array([[unit[:, 0] @ right, unit[:, 0] @ down], [unit[:, 1] @ right, unit[:, 1] @ down]])
+    straight = abs(align[0, 0]) + abs(align[1, 1]) >= abs(align[0, 1]) + abs(align[1, 0])
+    out = np.eye(4)
+    out[:2, :2] = 0.0
+    if straight:  # i along the screen's u, j along v
+        out[0, 0] = np.sign(align[0, 0] or 1.0) * spacing[0]
+        out[1, 1] = np.sign(align[1, 1] or 1.0) * spacing[1]
+    else:  # i along v, j along u (a transposed image)
+        out[1, 0] = np.sign(align[0, 1] or 1.0) * spacing[0]
+        out[0, 1] = np.sign(align[1, 0] or 1.0) * spacing[1]
+    # the image's origin, in screen millimetres: two images of one plane keep their relative position
+    origin = np.asarray(affine, dtype=float)[:3, 3]
+    out[:2, 3] = (origin @ right, origin @ down)
+    return out
 
 
 def study_key(identity: str) -> str:

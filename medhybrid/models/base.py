@@ -145,7 +145,8 @@ def crop_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Crop the spatial axes of ``x`` (from the start) to ``size``."""
     if tuple(x.shape[2:]) == tuple(size):
         return x
-    return x[(slice(None), slice(None), *(slice(0, s) for s in size))]
+    index = (slice(None), slice(None), *(slice(0, s) for s in size))
+    return x[index]
 
 
 def build_config(cls: type[ConfigT], defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> ConfigT:

@@ -69,7 +69,7 @@ bench-compare: install
 
 # Manifests for ../shared/data (MedMNIST samples are written out as files, so they are generated, not shipped).
 manifests: install
-	$(BIN)/medhybrid data import-msd $(SHARED_DATA)/msd_hippocampus data_manifests/hippocampus
+	$(BIN)/medhybrid data import-msd $(SHARED_DATA)/msd_hippocampus data_manifests/hippocampus --mask-kind anatomy
 	$(BIN)/medhybrid data import-medmnist $(SHARED_DATA)/medmnist/pneumoniamnist_trainval.npz data_manifests/generated/pneumoniamnist
 	$(BIN)/medhybrid data import-medmnist $(SHARED_DATA)/medmnist/adrenalmnist3d_trainval.npz data_manifests/generated/adrenalmnist3d
 	$(BIN)/medhybrid data import-medmnist $(SHARED_DATA)/medmnist/adrenalmnist3d_64_trainval.npz data_manifests/generated/adrenalmnist3d_64

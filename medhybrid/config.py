@@ -50,11 +50,19 @@ class DataConfig(Strict):
     manifest: Path
     task: Literal["classification", "segmentation", "multitask"] = "classification"
     label_names: dict[int, str] | None = Field(None, description="default: the manifest sidecar's")
+    mask_kind: Literal["anatomy", "lesion"] | None = Field(
+        None, description="what the mask labels are (default: the manifest sidecar's, else lesion)"
+    )
+    mask_label_kinds: dict[int, Literal["anatomy", "lesion"]] | None = Field(
+        None, description="per-label kinds overriding mask_kind (default: the manifest sidecar's)"
+    )
     spatial_dims: Literal[2, 3] = 3
     modality: str | None = None
     intensity: IntensityPreset = "minmax"
     spacing: tuple[float, ...] | None = Field(None, description="target voxel spacing in mm; None keeps it")
-    orientation: str | None = Field("RAS", description="axis codes (default RAS, RA in 2D); None keeps the file's")
+    orientation: str | None = Field(
+        "RAS", description="axis codes (default RAS; RA in 2D, the display frame); None keeps the file's"
+    )
     spatial_size: tuple[int, ...] = Field(description="crop/pad size of every image (classification)")
     patch_size: tuple[int, ...] | None = Field(None, description="training patches for segmentation")
     foreground_fraction: float = Field(0.33, ge=0, le=1, description="patches centred on foreground")
@@ -79,6 +87,11 @@ class DataConfig(Strict):
                 raise ValueError(f"{name} needs {self.spatial_dims} values for spatial_dims={self.spatial_dims}")
         if self.orientation is not None and len(self.orientation) != self.spatial_dims:
             raise ValueError(f"orientation needs {self.spatial_dims} axis codes, got {self.orientation!r}")
+        if self.spatial_dims == 2 and self.orientation not in (None, "RA"):
+            raise ValueError(
+                f"orientation {self.orientation!r}: 2D images are analysed in their display frame (docs/ingestion.md), "
+                "so a 2D pipeline takes orientation RA (as displayed) or null (as stored)"
+            )
         return self
 
 
@@ -141,6 +154,9 @@ class EvalConfig(Strict):
     metrics: tuple[Literal["auroc", "accuracy", "dice", "loss"], ...] = ("auroc", "loss")
     select: Literal["auroc", "accuracy", "dice", "loss"] = "auroc"
     operating_point: Literal["youden"] | MinSensitivity | Annotated[float, Field(gt=0.0, lt=1.0)] = "youden"
+    min_lesion_ml: float = Field(
+        0.0, ge=0.0, description="segmentation-only lesion models: smaller components do not count in the study score"
+    )
 
     @model_validator(mode="after")
     def _select_is_computed(self) -> EvalConfig:

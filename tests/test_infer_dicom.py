@@ -21,7 +21,7 @@ from medhybrid.infer.dicom_out import (
     VOLUME_DECIMALS,
     AlgorithmInfo,
     Findings,
-    LesionFinding,
+    SegmentFinding,
     source_datasets,
     write_seg,
     write_sr,
@@ -312,7 +312,7 @@ def _findings(mask: np.ndarray, probability: float = 0.87654321) -> Findings:
         probability=probability,
         decision="abnormal" if probability >= 0.5 else "normal",
         threshold=0.5,
-        lesions=(LesionFinding(label=1, name="lesion", volume_ml=volume, components=2),),
+        segments=(SegmentFinding(label=1, name="lesion", volume_ml=volume, components=2),),
     )
 
 
@@ -341,7 +341,7 @@ def test_sr_round_trip(case: Case, tmp_path: Path) -> None:
     # the lesion class: volume (mL, rounded to VOLUME_DECIMALS), components, reference to the SEG segment
     (group,) = report.get_volumetric_roi_measurement_groups()
     (volume,) = group.get_measurements(name=codes.SCT.Volume)
-    assert volume.value == round(findings.lesions[0].volume_ml, VOLUME_DECIMALS)
+    assert volume.value == round(findings.segments[0].volume_ml, VOLUME_DECIMALS)
     assert volume.unit.value == "mL" and volume.unit.scheme_designator == "UCUM"
     (count,) = group.get_measurements(name=codes.SCT.NumberOfLesions)
     assert count.value == 2
@@ -372,15 +372,56 @@ def test_sr_bad_inputs(case: Case, other_case: Case, tmp_path: Path) -> None:
     good = _findings(case.mask)
     with pytest.raises(DicomError, match="does not reference this series"):
         write_sr(good, other_case.headers, seg, ALGORITHM, out, sources=other_case.sources)
-    with pytest.raises(InputError, match="no segment for lesion class 2"):
+    with pytest.raises(InputError, match="no segment for class 2"):
         write_sr(
-            Findings(0.9, "abnormal", 0.5, (LesionFinding(2, "nodule", 1.0, 1),)), case.headers, seg, ALGORITHM, out
+            Findings(0.9, "abnormal", 0.5, (SegmentFinding(2, "nodule", 1.0, 1),)), case.headers, seg, ALGORITHM, out
         )
+    with pytest.raises(InputError, match="given together"):  # a decision without its score
+        write_sr(Findings(None, "abnormal", 0.5, ()), case.headers, None, ALGORITHM, out)
     with pytest.raises(InputError, match="probability"):
         write_sr(Findings(1.5, "abnormal", 0.5, ()), case.headers, None, ALGORITHM, out)
     with pytest.raises(InputError, match="decision"):
         write_sr(Findings(0.5, "maybe", 0.5, ()), case.headers, None, ALGORITHM, out)
     assert not out.exists()
+
+
+def test_anatomy_is_coded_as_anatomy_and_gets_no_verdict(case: Case, tmp_path: Path) -> None:
+    """A model of normal structures (hippocampus) must not code them as lesions, nor call the scan
+    abnormal or normal: the SEG codes Anatomical Structure, the SR has volumes and no Normality."""
+    names = {1: "Hippocampus", 2: "posterior part"}
+    mask = case.mask.copy()
+    mask[:4, :4, :] = 2
+    seg = write_seg(
+        mask, case.headers, names, ALGORITHM, tmp_path / "seg.dcm", sources=case.sources,
+        segment_kinds={1: "anatomy", 2: "anatomy"},
+    )  # fmt: skip
+    items = list(seg.SegmentSequence)
+    assert [i.SegmentedPropertyCategoryCodeSequence[0].CodeValue for i in items] == ["91723000", "91723000"]
+    # a label named like a SNOMED CT concept gets that type; another name the generic structure
+    assert [i.SegmentedPropertyTypeCodeSequence[0].CodeMeaning for i in items] == [
+        "Hippocampus",
+        "Anatomical Structure",
+    ]
+    findings = Findings(
+        None,
+        None,
+        None,
+        (
+            SegmentFinding(1, "Hippocampus", 2.5, 1, kind="anatomy"),
+            SegmentFinding(2, "posterior part", 0.5, 1, kind="anatomy"),
+        ),
+    )
+    write_sr(findings, case.headers, seg, ALGORITHM, tmp_path / "sr.dcm", sources=case.sources)
+    report = hd.sr.srread(tmp_path / "sr.dcm").content
+    assert report.get_image_measurement_groups() == []  # no study classification, no Normality
+    groups = report.get_volumetric_roi_measurement_groups()
+    assert len(groups) == 2
+    for group in groups:
+        assert group.finding_category.value == "91723000"
+        assert group.get_measurements(name=codes.SCT.NumberOfLesions) == []
+    assert groups[0].finding_type.meaning == "Hippocampus"
+    lesion_seg = write_seg(case.mask, case.headers, NAMES, ALGORITHM, tmp_path / "lesion.dcm", sources=case.sources)
+    assert lesion_seg.SegmentSequence[0].SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
 
 
 def test_sr_deterministic_uids(case: Case, tmp_path: Path) -> None:

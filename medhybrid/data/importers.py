@@ -157,14 +157,18 @@ def _encode_nifti(sample: np.ndarray) -> bytes:
 # --- Medical Segmentation Decathlon -----------------------------------------------------------------
 
 
-def import_msd(dataset_dir: Path, out: Path, *, val_fraction: float = 0.2, seed: int = 0) -> Path:
+def import_msd(
+    dataset_dir: Path, out: Path, *, val_fraction: float = 0.2, seed: int = 0, mask_kind: str = "lesion"
+) -> Path:
     """Write ``out/manifest.csv`` (+ sidecar) for the training cases of an MSD task folder.
 
     Images and masks are not copied: the manifest points at them (paths relative to ``out``). The
     study_id is the case file stem (``hippocampus_001``); labels are empty (segmentation). The split
     is deterministic: sorted case ids, permuted by ``numpy.random.default_rng(seed)``, the first
     ``round(val_fraction * N)`` are ``val``, the rest ``train``. Entries whose image or label file is
-    missing are skipped with a warning.
+    missing are skipped with a warning. ``mask_kind`` (``lesion`` or ``anatomy``) goes into the sidecar:
+    MSD tasks differ (Hippocampus labels anatomy, BrainTumour or Liver tumours lesions) and dataset.json
+    does not say which.
 
     Returns:
         the manifest path.
@@ -177,6 +181,8 @@ def import_msd(dataset_dir: Path, out: Path, *, val_fraction: float = 0.2, seed:
     out = Path(out)
     if not 0.0 <= val_fraction <= 1.0:
         raise ConfigError(f"val_fraction must be in [0, 1], got {val_fraction}", fix="e.g. --val-fraction 0.2")
+    if mask_kind not in ("anatomy", "lesion"):
+        raise ConfigError(f"mask_kind must be anatomy or lesion, got {mask_kind!r}", fix="--mask-kind anatomy")
     meta = _read_dataset_json(dataset_dir)
     cases: dict[str, tuple[Path, Path]] = {}
     for n, entry in enumerate(meta["training"]):
@@ -200,6 +206,7 @@ def import_msd(dataset_dir: Path, out: Path, *, val_fraction: float = 0.2, seed:
     sidecar: dict[str, Any] = {
         "mask_label_names": {str(int(k)): str(v) for k, v in names.items()} if isinstance(names, dict) else {},
         "task": "segmentation",
+        "mask_kind": mask_kind,
         "source": f"Medical Segmentation Decathlon: {meta.get('name', dataset_dir.name)}",
     }
     logger.info("%s: %d cases (%d train, %d val)", dataset_dir, len(ids), len(ids) - n_val, n_val)

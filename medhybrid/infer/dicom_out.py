@@ -1,4 +1,4 @@
-"""DICOM outputs of an inference run: a DICOM SEG of the lesion mask and a Comprehensive 3D SR report.
+"""DICOM outputs of an inference run: a DICOM SEG of the mask and a Comprehensive 3D SR report.
 
 Both objects are built with highdicom, belong to the source study, share its Frame of Reference and are
 written atomically (serialised into memory, then :func:`~medhybrid.io.writers.atomic_write_bytes`).
@@ -16,9 +16,13 @@ SEG content
 A BINARY segmentation with one segment per foreground label named in ``segment_names`` (label 0 is the
 background and never a segment). Segment numbers are 1..N in ascending label order; each segment carries
 the label's name as SegmentLabel, TrackingID ``"<name> (mask label <label>)"`` and a deterministic
-TrackingUID, Morphologically Abnormal Structure as category, a type coded from the name (lesion, nodule,
-mass, tumour/neoplasm; anything else is coded as Lesion) and the algorithm in its
-SegmentationAlgorithmIdentificationSequence.
+TrackingUID, a category and type from the label's kind (``segment_kinds``, see
+:mod:`medhybrid.evaluate.study_score`), and the algorithm in its SegmentationAlgorithmIdentificationSequence:
+
+* ``lesion``: category Morphologically Abnormal Structure, type coded from the name (lesion, nodule, mass,
+  tumour/neoplasm; anything else is coded as Lesion);
+* ``anatomy``: category Anatomical Structure, type the SNOMED CT concept whose name the label has (e.g.
+  "Hippocampus", "Liver"), or Anatomical Structure itself when no concept has that name.
 
 Frames that hold no voxel of a segment are omitted (highdicom's ``omit_empty_frames``), so a segment whose
 label is absent from a non-empty mask has no frames, which readers reconstruct as empty. An all-empty
@@ -29,13 +33,15 @@ SR content
 ----------
 A TID 1500 Imaging Measurement Report (Comprehensive 3D SR) observed by the algorithm as a device:
 
-* one TID 1501 measurement group ("study classification") with the probability of abnormality
-  (DCM 122157 *Probability*, UCUM ``1``) and the decision as a qualitative evaluation
+* when the model gives a verdict, one TID 1501 measurement group ("study classification") with the
+  study's score (DCM 122157 *Probability*, UCUM ``1``) and the decision as a qualitative evaluation
   (DCM 121402 *Normality* = SCT *Abnormal* / *Normal*); the operating point and the weights' sha256 are
-  recorded as algorithm parameters (TID 4019);
-* with a SEG, one TID 1411 volumetric ROI group per lesion class, referencing the class' SEG segment and
-  reporting its volume (SCT 118565006 *Volume*, UCUM ``mL``) and its number of connected components
-  (SCT 246206008 *Number of lesions*, UCUM ``1``). The group reuses the segment's TrackingUID.
+  recorded as algorithm parameters (TID 4019). A model of anatomy only gives no verdict, and the SR then
+  has no such group: it never calls a scan normal or abnormal on the strength of a normal structure;
+* with a SEG, one TID 1411 volumetric ROI group per segmented class, referencing the class' SEG segment
+  and reporting its volume (SCT 118565006 *Volume*, UCUM ``mL``), with the category and type of the SEG
+  segment; lesion classes also report their number of connected components (SCT 246206008 *Number of
+  lesions*, UCUM ``1``). The group reuses the segment's TrackingUID.
 
 Numbers are rounded before they are written: the probability to 6 decimals and volumes to 3 decimals
 (1 uL); both the DS (NumericValue) and the FD (FloatingPointValue) of an item hold the rounded value.
@@ -237,20 +243,22 @@ class AlgorithmInfo:
 
 
 @dataclass(frozen=True)
-class LesionFinding:
-    """One lesion class of the mask.
+class SegmentFinding:
+    """One segmented class of the mask.
 
     Attributes:
         label: the mask value of the class.
         name: e.g. ``"lesion"``; matches the name given to :func:`write_seg`.
         volume_ml: total volume of the class in mL.
         components: number of connected components of the class.
+        kind: ``lesion`` or ``anatomy`` (as given to :func:`write_seg`).
     """
 
     label: int
     name: str
     volume_ml: float
     components: int
+    kind: str = "lesion"
 
 
 @dataclass(frozen=True)
@@ -258,16 +266,16 @@ class Findings:
     """What the SR reports.
 
     Attributes:
-        probability: probability of abnormality, 0..1.
-        decision: ``"abnormal"`` or ``"normal"``.
-        threshold: operating point the decision was taken at.
-        lesions: one entry per lesion class (reported only together with a SEG).
+        probability: the study's score, 0..1 (None: the model gives no verdict).
+        decision: ``"abnormal"`` or ``"normal"`` (None: no verdict).
+        threshold: operating point the decision was taken at (None: no verdict).
+        segments: one entry per segmented class (reported only together with a SEG).
     """
 
-    probability: float
-    decision: str
-    threshold: float
-    lesions: tuple[LesionFinding, ...]
+    probability: float | None
+    decision: str | None
+    threshold: float | None
+    segments: tuple[SegmentFinding, ...]
 
 
 # --- sources -----------------------------------------------------------------------------------------
@@ -434,6 +442,7 @@ def write_seg(
     *,
     include_phi: bool = False,
     sources: list[Dataset] | None = None,
+    segment_kinds: Mapping[int, str] | None = None,
 ) -> Dataset:
     """Binary DICOM SEG of ``mask`` over the source series, written atomically to ``out_path``.
 
@@ -447,6 +456,7 @@ def write_seg(
             accepted for a one-slice series.
         headers: the series' sorted slice headers (``DicomSeries.headers``).
         segment_names: mask label -> segment name (e.g. ``{1: "lesion"}``).
+        segment_kinds: mask label -> ``lesion`` or ``anatomy`` (default: every label a lesion).
         algorithm: the model that produced the mask.
         out_path: the ``.dcm`` file to write.
         include_phi: copy the patient's identity from the source (see the module docstring).
@@ -463,6 +473,7 @@ def write_seg(
     """
     _check_headers(headers)
     names = _segment_names(segment_names)
+    kinds = dict(segment_kinds or {})
     planes = _label_planes(mask, headers, names)
     if sources is None:
         sources = source_datasets(headers)
@@ -473,7 +484,7 @@ def write_seg(
     first = headers[0]
     digest = hashlib.sha256()
     digest.update(np.ascontiguousarray(planes).data)
-    digest.update(repr(sorted(names.items())).encode())
+    digest.update(repr((sorted(names.items()), sorted(kinds.items()))).encode())
     digest.update(f"{algorithm.version}|{include_phi}".encode())
     series_uid = derive_uid(first.series_uid, algorithm.weights_sha256, "seg", "series")
     sop_uid = derive_uid(first.series_uid, algorithm.weights_sha256, "seg", "instance", digest.hexdigest())
@@ -492,8 +503,8 @@ def write_seg(
             hd.seg.SegmentDescription(
                 segment_number=number,
                 segment_label=name,
-                segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-                segmented_property_type=_property_type(name),
+                segmented_property_category=_category(kinds.get(label, "lesion")),
+                segmented_property_type=_property_type(name, kinds.get(label, "lesion")),
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=algorithm_id,
                 tracking_uid=_segment_tracking_uid(first.series_uid, algorithm, label),
@@ -644,7 +655,19 @@ def _source_frame_order(planes: np.ndarray, headers: Sequence[SliceHeader]) -> n
     return planes[order]
 
 
-def _property_type(name: str) -> Code:
+def _category(kind: str) -> Code:
+    return codes.SCT.AnatomicalStructure if kind == "anatomy" else codes.SCT.MorphologicallyAbnormalStructure
+
+
+def _property_type(name: str, kind: str = "lesion") -> Code:
+    if kind == "anatomy":
+        # the SNOMED CT concept named like the label ("Hippocampus", "left kidney" -> LeftKidney), if any
+        keyword = "".join(part[:1].upper() + part[1:] for part in re.split(r"[^A-Za-z0-9]+", name) if part)
+        try:
+            code = getattr(codes.SCT, keyword)
+        except AttributeError:
+            return codes.SCT.AnatomicalStructure
+        return code if isinstance(code, Code) else codes.SCT.AnatomicalStructure
     return _PROPERTY_TYPES.get(name.strip().lower(), codes.SCT.Lesion)
 
 
@@ -679,10 +702,10 @@ def write_sr(
 ) -> Dataset:
     """Comprehensive 3D SR with a TID 1500 measurement report of ``findings``, written atomically.
 
-    Reports the probability of abnormality and the decision (qualitative evaluation) and, when ``seg`` is
-    given, one volumetric ROI group per lesion class that references the class' SEG segment with its volume
-    (mL, UCUM) and component count. ``seg=None`` (no mask) reports probability and decision only; lesions
-    are then left out (they have no region to reference).
+    Reports the study's score and the decision (qualitative evaluation), when there is a verdict, and,
+    when ``seg`` is given, one volumetric ROI group per segmented class that references the class' SEG
+    segment with its volume (mL, UCUM) and, for lesions, component count. ``seg=None`` (no mask) reports
+    the verdict only; segments are then left out (they have no region to reference).
 
     Args:
         findings: what to report.
@@ -697,7 +720,7 @@ def write_sr(
         The SR dataset (a ``highdicom.sr.Comprehensive3DSR``).
 
     Raises:
-        InputError: findings out of range, or a lesion class the SEG has no segment for.
+        InputError: findings out of range, or a class the SEG has no segment for.
         DicomError: the SEG does not belong to the series, or highdicom refused the report.
     """
     _check_headers(headers)
@@ -709,8 +732,8 @@ def write_sr(
     first = headers[0]
     if seg is not None:
         _check_seg(seg, first)
-    elif findings.lesions:
-        logger.debug("no SEG: %d lesion class(es) left out of the SR", len(findings.lesions))
+    elif findings.segments:
+        logger.debug("no SEG: %d segmented class(es) left out of the SR", len(findings.segments))
 
     digest = hashlib.sha256(
         repr(
@@ -725,7 +748,7 @@ def write_sr(
     ).hexdigest()
     series_uid = derive_uid(first.series_uid, algorithm.weights_sha256, "sr", "series")
     sop_uid = derive_uid(first.series_uid, algorithm.weights_sha256, "sr", "instance", digest)
-    parameters = [f"decision threshold={findings.threshold:g}"]
+    parameters = [] if findings.threshold is None else [f"decision threshold={findings.threshold:g}"]
     if algorithm.weights_sha256:
         parameters.append(f"weights_sha256={algorithm.weights_sha256}")
     prepared = [_prepared_source(ds, include_phi) for ds in sources]
@@ -733,10 +756,12 @@ def write_sr(
         algorithm_id = hd.sr.AlgorithmIdentification(
             name=_lo(algorithm.name), version=_lo(algorithm.version), parameters=parameters, manufacturer=MANUFACTURER
         )
-        groups: list[Any] = [_classification_group(findings, first.series_uid, algorithm, algorithm_id)]
+        groups: list[Any] = []
+        if findings.decision is not None:
+            groups.append(_classification_group(findings, first.series_uid, algorithm, algorithm_id))
         if seg is not None:
             groups += [
-                _lesion_group(lesion, seg, first.series_uid, algorithm, algorithm_id) for lesion in findings.lesions
+                _segment_group(segment, seg, first.series_uid, algorithm, algorithm_id) for segment in findings.segments
             ]
         observer = hd.sr.ObserverContext(
             observer_type=codes.cid270.Device,
@@ -750,7 +775,7 @@ def write_sr(
         report = hd.sr.MeasurementReport(
             observation_context=hd.sr.ObservationContext(observer_device_context=observer),
             procedure_reported=_procedure_code(first.modality),
-            imaging_measurements=groups,
+            imaging_measurements=groups or None,
             title=codes.cid7021.ImagingMeasurementReport,
         )
         evidence: list[Dataset] = [*prepared, *([seg] if seg is not None else [])]
@@ -786,25 +811,35 @@ def write_sr(
 
 def _check_findings(findings: Findings, headers: Sequence[SliceHeader]) -> None:
     where = headers[0].path.parent
-    for field, value in (("probability", findings.probability), ("threshold", findings.threshold)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-            raise InputError(f"findings.{field} must be a number in 0..1, got {value!r}", path=where)
-    if findings.decision not in DECISIONS:
+    verdict = (findings.probability, findings.decision, findings.threshold)
+    if any(v is None for v in verdict) and any(v is not None for v in verdict):
         raise InputError(
-            f"findings.decision must be one of {DECISIONS}, got {findings.decision!r}",
+            "findings: probability, decision and threshold must be given together (or all None: no verdict)",
             path=where,
-            fix="pass 'abnormal' or 'normal'",
         )
-    labels = [lesion.label for lesion in findings.lesions]
+    if findings.decision is not None:
+        for field, value in (("probability", findings.probability), ("threshold", findings.threshold)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+                raise InputError(f"findings.{field} must be a number in 0..1, got {value!r}", path=where)
+        if findings.decision not in DECISIONS:
+            raise InputError(
+                f"findings.decision must be one of {DECISIONS}, got {findings.decision!r}",
+                path=where,
+                fix="pass 'abnormal' or 'normal'",
+            )
+    labels = [segment.label for segment in findings.segments]
     if len(set(labels)) != len(labels):
-        raise InputError(f"findings.lesions repeats a label: {labels}", path=where, fix="one entry per lesion class")
-    for lesion in findings.lesions:
-        if not (isinstance(lesion.volume_ml, (int, float)) and math.isfinite(lesion.volume_ml)) or lesion.volume_ml < 0:
-            raise InputError(f"lesion {lesion.label}: volume_ml must be a finite number >= 0", path=where)
-        if isinstance(lesion.components, bool) or not isinstance(lesion.components, (int, np.integer)):
-            raise InputError(f"lesion {lesion.label}: components must be a whole number", path=where)
-        if lesion.components < 0:
-            raise InputError(f"lesion {lesion.label}: components must be >= 0", path=where)
+        raise InputError(f"findings.segments repeats a label: {labels}", path=where, fix="one entry per class")
+    for segment in findings.segments:
+        volume, components = segment.volume_ml, segment.components
+        if not (isinstance(volume, (int, float)) and math.isfinite(volume)) or volume < 0:
+            raise InputError(f"segment {segment.label}: volume_ml must be a finite number >= 0", path=where)
+        if isinstance(components, bool) or not isinstance(components, (int, np.integer)):
+            raise InputError(f"segment {segment.label}: components must be a whole number", path=where)
+        if components < 0:
+            raise InputError(f"segment {segment.label}: components must be >= 0", path=where)
+        if segment.kind not in ("lesion", "anatomy"):
+            raise InputError(f"segment {segment.label}: kind must be lesion or anatomy", path=where)
 
 
 def _check_seg(seg: Dataset, first: SliceHeader) -> None:
@@ -828,6 +863,7 @@ def _classification_group(
     findings: Findings, series_uid: str, algorithm: AlgorithmInfo, algorithm_id: hd.sr.AlgorithmIdentification
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group: probability of abnormality and the decision."""
+    assert findings.probability is not None  # only called with a verdict (checked in _check_findings)
     probability = hd.sr.Measurement(
         name=codes.DCM.Probability,
         value=round(float(findings.probability), PROBABILITY_DECIMALS),
@@ -848,25 +884,28 @@ def _classification_group(
     )
 
 
-def _lesion_group(
-    lesion: LesionFinding,
+def _segment_group(
+    segment: SegmentFinding,
     seg: Dataset,
     series_uid: str,
     algorithm: AlgorithmInfo,
     algorithm_id: hd.sr.AlgorithmIdentification,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    """TID 1411 group: one lesion class, its SEG segment, volume and component count."""
-    item = _find_segment(seg, lesion, _segment_tracking_uid(series_uid, algorithm, lesion.label))
-    tracking_uid = str(item.get("TrackingUID", "")) or _segment_tracking_uid(series_uid, algorithm, lesion.label)
+    """TID 1411 group: one segmented class, its SEG segment, its volume (and, for a lesion, its count)."""
+    item = _find_segment(seg, segment, _segment_tracking_uid(series_uid, algorithm, segment.label))
+    tracking_uid = str(item.get("TrackingUID", "")) or _segment_tracking_uid(series_uid, algorithm, segment.label)
     measurements = [
         hd.sr.Measurement(
-            name=codes.SCT.Volume, value=round(float(lesion.volume_ml), VOLUME_DECIMALS), unit=MILLILITER
+            name=codes.SCT.Volume, value=round(float(segment.volume_ml), VOLUME_DECIMALS), unit=MILLILITER
         ),
-        hd.sr.Measurement(name=codes.SCT.NumberOfLesions, value=int(lesion.components), unit=codes.UCUM.NoUnits),
     ]
+    if segment.kind == "lesion":
+        measurements.append(
+            hd.sr.Measurement(name=codes.SCT.NumberOfLesions, value=int(segment.components), unit=codes.UCUM.NoUnits)
+        )
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=tracking_uid, identifier=_segment_tracking_id(lesion.label, lesion.name)
+            uid=tracking_uid, identifier=_segment_tracking_id(segment.label, segment.name)
         ),
         referenced_segment=hd.sr.ReferencedSegment(
             sop_class_uid=str(seg.SOPClassUID),
@@ -874,29 +913,29 @@ def _lesion_group(
             segment_number=int(item.SegmentNumber),
             source_series=hd.sr.SourceSeriesForSegmentation(series_uid),
         ),
-        finding_type=_property_type(lesion.name),
-        finding_category=codes.SCT.MorphologicallyAbnormalStructure,
+        finding_type=_property_type(segment.name, segment.kind),
+        finding_category=_category(segment.kind),
         algorithm_id=algorithm_id,
         measurements=measurements,
     )
 
 
-def _find_segment(seg: Dataset, lesion: LesionFinding, tracking_uid: str) -> Dataset:
-    """The SEG's segment item of a lesion class: by TrackingUID (SEGs from write_seg), else by the mask
-    label in the TrackingID, else by a unique SegmentLabel equal to the class name."""
+def _find_segment(seg: Dataset, segment: SegmentFinding, tracking_uid: str) -> Dataset:
+    """The SEG's segment item of a class: by TrackingUID (SEGs from write_seg), else by the mask label in
+    the TrackingID, else by a unique SegmentLabel equal to the class name."""
     segments = list(seg.SegmentSequence)
     for item in segments:
         if str(item.get("TrackingUID", "")) == tracking_uid:
             return item
-    pattern = re.compile(rf"\(mask label {lesion.label}\)$")
+    pattern = re.compile(rf"\(mask label {segment.label}\)$")
     by_id = [item for item in segments if pattern.search(str(item.get("TrackingID", "")))]
     if len(by_id) == 1:
         return by_id[0]
-    by_label = [item for item in segments if str(item.get("SegmentLabel", "")) == lesion.name]
+    by_label = [item for item in segments if str(item.get("SegmentLabel", "")) == segment.name]
     if len(by_label) == 1:
         return by_label[0]
     raise InputError(
-        f"the SEG has no segment for lesion class {lesion.label} ({lesion.name!r}); it has "
+        f"the SEG has no segment for class {segment.label} ({segment.name!r}); it has "
         f"{[str(item.get('SegmentLabel', '')) for item in segments]}",
         fix="pass the SEG written with the same segment_names as the findings",
     )

@@ -7,7 +7,9 @@ be mailed or archived as one file. Every string from the input is HTML-escaped.
 
 Display convention: 3D scans are shown as axial slices the way a radiologist reads them, seen from the
 feet: patient right on the image's left, anterior at the top (the array is reoriented to LPS for display
-only, with nibabel's orientation tools). 2D images without geometry (PNG, MedMNIST) are shown as stored.
+only, with nibabel's orientation tools); MedMNIST volumes, which have no geometry, are shown as stored.
+2D images are shown in their display frame (:func:`medhybrid.io.study.display_affine`), the frame the
+model saw them in: as stored for a PNG, a geometry-less DICOM or a standard DX/CR.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 from PIL import Image
 
 from medhybrid.config import CT_WINDOWS
+from medhybrid.io.study import display_affine
 
 PANEL_PX = 256
 THUMB_PX = 96
@@ -39,10 +42,16 @@ SALIENCY_TITLES = {
 
 # --- display geometry ------------------------------------------------------------------------------
 class DisplayFrame:
-    """Reorients native ``(I, J, K)`` arrays for axial display (see the module docstring)."""
+    """Reorients native ``(I, J, K)`` arrays for display (see the module docstring): a 2D image
+    (``two_d``) into its display frame, a volume into axial LPS unless ``reorient`` is False."""
 
-    def __init__(self, affine: np.ndarray, spacing: Sequence[float], reorient: bool) -> None:
-        self.transform = ornt_transform(io_orientation(affine), axcodes2ornt(("L", "P", "S"))) if reorient else None
+    def __init__(self, affine: np.ndarray, spacing: Sequence[float], *, two_d: bool, reorient: bool = True) -> None:
+        if two_d:  # the display frame's axes are (screen right, screen down) = nibabel's ("R", "A")
+            self.transform = ornt_transform(io_orientation(display_affine(affine)), axcodes2ornt(("R", "A", "S")))
+        elif reorient:
+            self.transform = ornt_transform(io_orientation(affine), axcodes2ornt(("L", "P", "S")))
+        else:
+            self.transform = None
         sp = np.asarray(spacing, dtype=float)
         self.spacing: tuple[float, ...] = tuple(float(v) for v in sp)
         if self.transform is not None:
@@ -141,6 +150,7 @@ def render_panels(
     saliency: dict[str, np.ndarray],
     frame: DisplayFrame,
     window: tuple[float, float],
+    mask_title: str = "Lesion mask",
 ) -> tuple[list[dict[str, Any]], bytes]:
     """Key-slice panels and a thumbnail.
 
@@ -166,7 +176,7 @@ def render_panels(
         panels = [("Image", to_png(base, spacing))]
         if lab is not None:
             with_mask = overlay_mask(base, lab[:, :, z])
-            panels.append(("Lesion mask", to_png(with_mask, spacing)))
+            panels.append((mask_title, to_png(with_mask, spacing)))
             if not thumb:
                 thumb = to_png(with_mask, spacing, THUMB_PX)
         for method, values in sal.items():
@@ -184,7 +194,7 @@ h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:24px 0 8px;border-bot
 .muted{color:#5b6570;font-size:13px} table{border-collapse:collapse;font-size:14px}
 td,th{border:1px solid #d5d9de;padding:4px 8px;text-align:left;vertical-align:top}
 .badge{display:inline-block;padding:4px 10px;border-radius:4px;font-weight:600;color:#fff}
-.abnormal{background:#c62828} .normal{background:#2e7d32} .failed{background:#6d4c41}
+.abnormal{background:#c62828} .normal{background:#2e7d32} .failed{background:#6d4c41} .none{background:#546e7a}
 .prob{font-size:32px;font-weight:700;margin-right:12px}
 .warn{color:#8a5a00} .reject{color:#b00020} .ok{color:#2e7d32}
 figure{display:inline-block;margin:0 8px 8px 0;vertical-align:top} figcaption{font-size:12px;color:#5b6570}
@@ -218,19 +228,24 @@ def _calibration_text(calibration: dict[str, Any]) -> str:
     return text
 
 
-def report_html(report: dict[str, Any], slices: list[dict[str, Any]], card: dict[str, Any]) -> bytes:
-    """``report.html`` from the report dict (``StudyReport.model_dump``), the key-slice panels and the model card."""
-    decision = report["decision"]
-    op = report["operating_point"]
-    parts = [
-        f"<h1>Study {_e(report['study_key'])}</h1>",
-        f'<div class="muted">{_e(report["source"]["format"].upper())} {_e(report["source"]["modality"])} · '
-        f"{_e(report['source']['path'])}</div>",
-        '<div class="banner">Research use only. This is decision support for radiologist review, '
-        "not a diagnosis.</div>",
+def _verdict(report: dict[str, Any]) -> list[str]:
+    """The score and decision at the top of a report, or why there is none."""
+    if report["decision"] is None:
+        return [
+            '<p><span class="badge none">NO VERDICT</span></p>',
+            '<p class="muted">This model segments anatomy (normal structures): it measures them and gives no '
+            "abnormality verdict.</p>",
+        ]
+    decision, op = report["decision"], report["operating_point"]
+    what = (
+        "Probability of abnormality"
+        if report.get("score_method") in (None, "classifier")
+        else f"Lesion score ({report['score_method']}; not a calibrated probability)"
+    )
+    return [
         f'<p><span class="prob">{report["probability"]:.3f}</span>'
         f'<span class="badge {_e(decision)}">{_e(decision.upper())}</span></p>',
-        f'<p class="muted">Probability of abnormality; called abnormal at &ge; {op["threshold"]:.3f} '
+        f'<p class="muted">{_e(what)}; called abnormal at &ge; {op["threshold"]:.3f} '
         f"(operating point: {_e(op['method'])}"
         + (
             f", validation sensitivity {op['sensitivity']:.2f}, specificity {op['specificity']:.2f}"
@@ -238,6 +253,29 @@ def report_html(report: dict[str, Any], slices: list[dict[str, Any]], card: dict
             else ""
         )
         + ").</p>",
+    ]
+
+
+def _cv_text(cv: dict[str, Any]) -> str:
+    parts = []
+    for key in ("auroc", "dice"):
+        e = cv.get(key)
+        if e and e.get("value") is not None:
+            parts.append(
+                f"{key.upper() if key == 'auroc' else 'Dice'} {e['value']:.3f} ({e['ci_low']:.3f}-{e['ci_high']:.3f})"
+            )
+    return f"{', '.join(parts) or 'n/a'} over {cv.get('n')} studies, {cv.get('folds')} folds, pooled out-of-fold"
+
+
+def report_html(report: dict[str, Any], slices: list[dict[str, Any]], card: dict[str, Any]) -> bytes:
+    """``report.html`` from the report dict (``StudyReport.model_dump``), the key-slice panels and the model card."""
+    parts = [
+        f"<h1>Study {_e(report['study_key'])}</h1>",
+        f'<div class="muted">{_e(report["source"]["format"].upper())} {_e(report["source"]["modality"])} · '
+        f"{_e(report['source']['path'])}</div>",
+        '<div class="banner">Research use only. This is decision support for radiologist review, '
+        "not a diagnosis.</div>",
+        *_verdict(report),
     ]
     if report.get("patient"):
         parts.append("<h2>Patient</h2>" + _table(list(report["patient"].items())))
@@ -254,15 +292,17 @@ def report_html(report: dict[str, Any], slices: list[dict[str, Any]], card: dict
         )
     else:
         parts.append('<p class="ok">No QC findings.</p>')
-    if report["lesions"]:
+    for title, measured in (("Findings", report["lesions"]), ("Structures (anatomy)", report.get("structures") or [])):
+        if not measured:
+            continue
         parts.append(
-            "<h2>Findings</h2><table><tr><th>Class</th><th>Volume (mL)</th><th>Components</th>"
+            f"<h2>{title}</h2><table><tr><th>Class</th><th>Volume (mL)</th><th>Components</th>"
             "<th>Largest (mL)</th></tr>"
         )
         parts += [
-            f"<tr><td>{_e(les['name'])}</td><td>{les['volume_ml']:.2f}</td><td>{les['components']}</td>"
-            f"<td>{les['largest_component_ml']:.2f}</td></tr>"
-            for les in report["lesions"]
+            f"<tr><td>{_e(m['name'])}</td><td>{m['volume_ml']:.2f}</td><td>{m['components']}</td>"
+            f"<td>{m['largest_component_ml']:.2f}</td></tr>"
+            for m in measured
         ]
         parts.append("</table>")
     if report.get("class_probabilities"):
@@ -277,14 +317,16 @@ def report_html(report: dict[str, Any], slices: list[dict[str, Any]], card: dict
                 f'<figure><img src="{data_uri(png)}" alt="{_e(title)}"><figcaption>{_e(title)}</figcaption></figure>'
             )
         parts.append("</div>")
-    parts.append(
-        '<p class="muted">Axial slices seen from the feet: patient right on the image\'s left, anterior at the top. '
-        "Saliency shows where the model looked, not where disease is.</p>"
+    orientation = (
+        "The image as displayed (its display frame, which the model saw)."
+        if report["source"]["shape"][2] == 1
+        else "Axial slices seen from the feet: patient right on the image's left, anterior at the top."
     )
+    parts.append(f'<p class="muted">{_e(orientation)} Saliency shows where the model looked, not where disease is.</p>')
     outputs = report["outputs"]
     files = [("Report (JSON)", "report.json")]
     if outputs.get("mask"):
-        files.append(("Lesion mask (NIfTI)", outputs["mask"]))
+        files.append(("Mask (NIfTI)", outputs["mask"]))
     files += [(f"Saliency: {s['method']} (NIfTI)", s["file"]) for s in outputs.get("saliency", [])]
     if outputs.get("dicom_seg"):
         files.append(("DICOM SEG", outputs["dicom_seg"]))
@@ -292,32 +334,47 @@ def report_html(report: dict[str, Any], slices: list[dict[str, Any]], card: dict
         files.append(("DICOM SR", outputs["dicom_sr"]))
     parts.append("<h2>Files</h2><ul>" + "".join(f'<li><a href="{_e(f)}">{_e(t)}</a></li>' for t, f in files) + "</ul>")
     model = report["model"]
+    selection = card.get("selection_split") or {}
     validation = ", ".join(
         f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-        for k, v in card.get("validation", {}).items()
+        for k, v in (selection.get("metrics") or {}).items()
         if not isinstance(v, list)
     )
-    parts.append(
-        "<h2>Model card</h2>"
-        + _table(
-            [
-                ("Model", model["name"]),
-                ("Task", model["task"]),
-                ("Weights SHA-256", model["weights_sha256"]),
-                ("Pipeline", card.get("pipeline")),
-                ("Classes", ", ".join(f"{k}: {v}" for k, v in card.get("label_names", {}).items())),
-                ("Mask classes", ", ".join(f"{k}: {v}" for k, v in card.get("mask_label_names", {}).items())),
-                ("Trained", f"{card.get('trained_epochs')} epochs, best at epoch {card.get('best_epoch')}"),
-                ("Validation (best epoch)", validation or "n/a"),
-                ("Training manifest SHA-256", card.get("manifest_sha256")),
-                ("Calibration", _calibration_text(card.get("calibration") or {})),
-                ("Preprocessing", ", ".join(f"{k}={v}" for k, v in card.get("preprocessing", {}).items())),
-                ("Intended use", card.get("intended_use")),
-                ("medhybrid", model["medhybrid_version"]),
-                ("Test-time augmentation", "flips" if report["tta"] else "off"),
-            ]
-        )
-    )
+    rows = [
+        ("Model", model["name"]),
+        ("Task", model["task"]),
+        ("Weights SHA-256", model["weights_sha256"]),
+        ("Pipeline", card.get("pipeline")),
+        ("Classes", ", ".join(f"{k}: {v}" for k, v in card.get("label_names", {}).items())),
+        (
+            "Mask classes",
+            ", ".join(
+                f"{k}: {v} ({card.get('mask_kinds', {}).get(k, 'lesion')})"
+                for k, v in card.get("mask_label_names", {}).items()
+                if int(k) != 0
+            ),
+        ),
+        ("Study score", card.get("score") or "none (no abnormality verdict)"),
+        ("Trained", f"{card.get('trained_epochs')} epochs, best at epoch {card.get('best_epoch')}"),
+        (
+            f"Selection split '{selection.get('split', 'val')}' (best epoch)",
+            f"{validation or 'n/a'} ({selection.get('note', '')})",
+        ),
+    ]
+    if card.get("ensemble"):
+        ens = card["ensemble"]
+        rows.append(("Ensemble", f"{ens['members']} {ens['kind']}: {ens['combination']}"))
+    if card.get("cross_validation"):
+        rows.append(("Cross-validation (out-of-fold)", _cv_text(card["cross_validation"])))
+    rows += [
+        ("Training manifest SHA-256", card.get("manifest_sha256")),
+        ("Calibration", _calibration_text(card.get("calibration") or {})),
+        ("Preprocessing", ", ".join(f"{k}={v}" for k, v in card.get("preprocessing", {}).items())),
+        ("Intended use", card.get("intended_use")),
+        ("medhybrid", model["medhybrid_version"]),
+        ("Test-time augmentation", "flips" if report["tta"] else "off"),
+    ]
+    parts.append("<h2>Model card</h2>" + _table(rows))
     timings = ", ".join(f"{k} {v:.2f} s" for k, v in report["timings_s"].items())
     parts.append(f'<p class="muted">Timings: {_e(timings)}</p>')
     return _page(f"medhybrid report {report['study_key']}", "\n".join(parts))
@@ -329,17 +386,21 @@ def index_html(rows: Sequence[dict[str, Any]], failed: Sequence[dict[str, Any]],
         "<h1>medhybrid worklist</h1>",
         f'<div class="muted">{len(rows)} studies reported, {len(failed)} failed · model {_e(meta.get("model"))} · '
         f"threshold {meta.get('threshold', 0):.3f} · input {_e(meta.get('input'))}</div>",
-        '<div class="banner">Research use only: sorted by probability of abnormality for review.</div>',
-        "<table><tr><th>#</th><th>Image</th><th>Study</th><th>Probability</th><th>Decision</th>"
+        '<div class="banner">Research use only: sorted by the study score (probability of abnormality) for '
+        "review.</div>",
+        "<table><tr><th>#</th><th>Image</th><th>Study</th><th>Score</th><th>Decision</th>"
         "<th>Lesion (mL)</th><th>QC</th><th>Source</th></tr>",
     ]
     for n, r in enumerate(rows, 1):
         key = _e(r["study_key"])
         thumb = f'<img class="thumb" src="{key}/thumb.png" alt="thumbnail">' if r.get("thumbnail") else ""
+        score = f"{float(r['probability']):.3f}" if r.get("probability") not in ("", None) else "n/a"
+        decision = r.get("decision") or "no verdict"
+        badge = r.get("decision") or "none"
         parts.append(
             f'<tr><td>{n}</td><td><a href="{key}/report.html">{thumb}</a></td>'
-            f'<td><a href="{key}/report.html">{key}</a></td><td>{float(r["probability"]):.3f}</td>'
-            f'<td><span class="badge {_e(r["decision"])}">{_e(r["decision"])}</span></td>'
+            f'<td><a href="{key}/report.html">{key}</a></td><td>{score}</td>'
+            f'<td><span class="badge {_e(badge)}">{_e(decision)}</span></td>'
             f'<td>{_e(r.get("lesion_ml", ""))}</td><td class="{_e(r["qc_verdict"])}">{_e(r["qc_verdict"])}</td>'
             f'<td class="muted">{_e(r["source"])}</td></tr>'
         )

@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "2.0"  # 2.0: probability/decision/operating_point may be null; structures; run_key
 
 
 class _Model(BaseModel):
@@ -23,8 +23,10 @@ class _Model(BaseModel):
 
 class ModelInfo(_Model):
     name: str = Field(description="registered model name, e.g. hybrid_r18_3d")
-    weights_sha256: str = Field(description="SHA-256 of the checkpoint file the weights came from")
-    checkpoint: str = Field(description="file name of the checkpoint")
+    weights_sha256: str = Field(
+        description="SHA-256 of the weights (the model's tensors; for an ensemble, of its members' digests)"
+    )
+    checkpoint: str = Field(description="file name of the checkpoint (ensemble.json for a cross-validation ensemble)")
     task: str = Field(description="classification, segmentation or multitask")
     medhybrid_version: str
     temperature: float = Field(
@@ -42,12 +44,18 @@ class OperatingPoint(_Model):
 
 
 class Lesion(_Model):
+    """A mask label of kind ``lesion`` (an abnormality)."""
+
     label: int = Field(description="value in mask.nii.gz")
     name: str
     volume_ml: float = Field(description="voxel count x voxel volume in the scan's own geometry, in mL")
     components: int = Field(description="connected components (26-connected in 3D, 8 in 2D)")
     voxels: int
     largest_component_ml: float
+
+
+class Structure(Lesion):
+    """A mask label of kind ``anatomy`` (a normal structure, e.g. the hippocampus): measured, never a finding."""
 
 
 class QCFlag(_Model):
@@ -88,11 +96,23 @@ class StudyReport(_Model):
     schema_version: str = SCHEMA_VERSION
     study_key: str = Field(description="pseudonymous key: s + 16 hex digits of sha256(StudyInstanceUID or path)")
     status: Literal["ok"] = "ok"
-    probability: float = Field(ge=0.0, le=1.0, description="probability of abnormality, 1 - p(normal class)")
-    decision: Literal["abnormal", "normal"]
-    operating_point: OperatingPoint
+    probability: float | None = Field(
+        ge=0.0,
+        le=1.0,
+        description="the study's score (see score_method): probability of abnormality 1 - p(normal class) for a "
+        "classifier, the lesion score of a segmentation-only lesion model; null when the model gives no verdict "
+        "(segmentation of anatomy only)",
+    )
+    score_method: str | None = Field(
+        None, description="classifier, or how a segmentation-only model's lesion score is defined; null: no score"
+    )
+    decision: Literal["abnormal", "normal"] | None = Field(description="null when the model gives no verdict")
+    operating_point: OperatingPoint | None
     class_probabilities: dict[str, float] | None = Field(None, description="per class name; None without a classifier")
-    lesions: list[Lesion] = Field(description="per foreground mask class; empty without a segmentation output")
+    lesions: list[Lesion] = Field(description="per lesion mask class; empty without a segmentation output")
+    structures: list[Structure] = Field(
+        [], description="per anatomy mask class (normal structures): volumes, never a finding"
+    )
     qc: list[QCFlag] = Field(description="ingestion QC findings plus inference's own (e.g. no operating point)")
     qc_verdict: Literal["ok", "warn", "reject"]
     model: ModelInfo
@@ -102,6 +122,11 @@ class StudyReport(_Model):
     tta: bool
     created_by: str = "medhybrid infer"
     patient: dict[str, str] | None = Field(None, description="PatientName/ID/BirthDate, only with --include-phi")
+    run_key: str = Field(
+        "",
+        description="digest of what decided this report (weights, temperature, threshold, TTA, mask kinds, output "
+        "options, medhybrid version): a rerun into the same folder redoes the study when it differs",
+    )
 
     def to_json(self) -> bytes:
         return (json.dumps(self.model_dump(mode="json"), indent=2, allow_nan=False) + "\n").encode()
@@ -113,7 +138,8 @@ def schema_markdown() -> str:
 
 
 def measure_lesions(labels: np.ndarray, spacing: tuple[float, float, float], names: dict[int, str]) -> list[Lesion]:
-    """Volume (mL) and connected components per foreground class of a native-geometry label map.
+    """Volume (mL) and connected components per foreground class of a native-geometry label map (every
+    class named in ``names`` except 0, as :class:`Lesion`; the caller sorts them into lesions and structures).
 
     Components are counted with ``scipy.ndimage.label`` inside the class's bounding box (so a small
     lesion in a large scan labels a small array), with full connectivity.

@@ -7,13 +7,20 @@ CSV schema (UTF-8, header on line 1; see ``docs/manifests.md``)
 * ``label`` (may be empty): integer class; empty for segmentation-only data.
 * ``mask`` (may be empty): a label-map file in the image's geometry.
 * ``split``: ``train``, ``val`` or ``test`` (other non-empty names are allowed but reported).
+* ``patient_id`` (optional column, may be empty): the patient a study belongs to. Where set, a patient
+  may not span splits (``data validate``), cross-validation folds keep a patient's studies together, and
+  bootstrap CIs resample patients instead of studies.
 * any further column is kept, as text, in :attr:`ManifestRow.extra`.
 
 Paths are relative to the manifest's folder (absolute paths are allowed). The sidecar is the JSON file
 with the manifest's stem next to it (``manifest.csv`` -> ``manifest.json``)::
 
     {"label_names": {"0": "normal", "1": "pneumonia"}, "mask_label_names": {"0": "background"},
-     "task": "classification | segmentation | multitask", "source": "..."}
+     "task": "classification | segmentation | multitask", "source": "...",
+     "mask_kind": "anatomy | lesion", "mask_label_kinds": {"2": "lesion"}}
+
+``mask_kind`` says what the mask labels are (default ``lesion``), ``mask_label_kinds`` overrides it per
+label (see :mod:`medhybrid.evaluate.study_score`).
 
 Validation lives in :mod:`medhybrid.io.manifest_validate` (``validate_manifest``).
 """
@@ -36,6 +43,7 @@ from medhybrid.io.writers import atomic_write_bytes
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("study_id", "image", "label", "mask", "split")
+PATIENT_COLUMN = "patient_id"  # optional
 KNOWN_SPLITS: tuple[str, ...] = ("train", "val", "test")
 TASKS: tuple[str, ...] = ("classification", "segmentation", "multitask")
 AFFINE_ATOL_MM = 1e-3  # mask vs image affine tolerance
@@ -53,6 +61,7 @@ class ManifestRow:
         split: ``train``, ``val``, ``test`` or another name (reported by validation); may be empty.
         extra: the other columns, as text.
         line: the CSV line the row was read from (``None`` for rows built in code).
+        patient_id: the patient (optional column; ``None`` when absent or empty).
     """
 
     study_id: str
@@ -62,6 +71,12 @@ class ManifestRow:
     split: str = "train"
     extra: dict[str, str] = field(default_factory=dict)
     line: int | None = field(default=None, compare=False)
+    patient_id: str | None = None
+
+    @property
+    def group(self) -> str:
+        """The unit of independent sampling: the patient where known, else the study itself."""
+        return f"patient:{self.patient_id}" if self.patient_id else f"study:{self.study_id}"
 
 
 @dataclass
@@ -75,6 +90,13 @@ class Manifest:
     task: str | None = None
     source: str | None = None
     sidecar: dict[str, Any] = field(default_factory=dict)
+    mask_kind: str | None = None
+    mask_label_kinds: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def has_patients(self) -> bool:
+        """Some row names its patient (then folds and bootstraps group by patient)."""
+        return any(r.patient_id for r in self.rows)
 
     def split(self, name: str) -> list[ManifestRow]:
         """The rows of one split, in file order."""
@@ -176,6 +198,7 @@ def _parse_row(record: dict[str, str], line: int, base: Path, path: Path) -> Man
         label=_parse_label(label_text, line, path),
         mask=_resolve(mask, base) if mask else None,
         split=values.pop("split"),
+        patient_id=values.pop(PATIENT_COLUMN, "") or None,
         extra=values,
         line=line,
     )
@@ -226,6 +249,15 @@ def _read_sidecar(manifest: Manifest) -> None:
             raise ManifestError(f"{key!r} must be a string, got {value!r}", path=side)
     manifest.task = data.get("task")
     manifest.source = data.get("source")
+    kind = data.get("mask_kind")
+    if kind is not None and kind not in ("anatomy", "lesion"):
+        raise ManifestError(f"mask_kind must be 'anatomy' or 'lesion', got {kind!r}", path=side)
+    manifest.mask_kind = kind
+    kinds = _names(data.get("mask_label_kinds"), "mask_label_kinds", side)
+    bad = {k: v for k, v in kinds.items() if v not in ("anatomy", "lesion")}
+    if bad:
+        raise ManifestError(f"mask_label_kinds: {bad} are not 'anatomy' or 'lesion'", path=side)
+    manifest.mask_label_kinds = kinds
 
 
 def _names(value: Any, key: str, side: Path) -> dict[int, str]:
@@ -264,7 +296,7 @@ def write_manifest(
     path = Path(path)
     base = path.parent.resolve()
     ordered = sorted(rows, key=lambda r: (_split_rank(r.split), r.study_id, str(r.image))) if sort else list(rows)
-    extra_cols: list[str] = []
+    extra_cols: list[str] = [PATIENT_COLUMN] if any(r.patient_id for r in ordered) else []
     for r in ordered:
         extra_cols.extend(k for k in r.extra if k not in extra_cols and k not in REQUIRED_COLUMNS)
     buf = io.StringIO()
@@ -278,7 +310,7 @@ def write_manifest(
                 "" if r.label is None else str(int(r.label)),
                 "" if r.mask is None else _relative(r.mask, base),
                 r.split,
-                *(str(r.extra.get(c, "")) for c in extra_cols),
+                *((r.patient_id or "") if c == PATIENT_COLUMN else str(r.extra.get(c, "")) for c in extra_cols),
             ]
         )
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -153,6 +153,15 @@ def _check_ids(manifest: Manifest, report: ValidationReport) -> None:
         rows = list(by_split.values())
         if len(by_split) > 1 and len({r.study_id for r in rows}) > 1:  # same id: already a leak_id
             report.error(rows[1], "leak_image", f"image {image} is in splits {_where(by_split)}")
+    patient_splits: dict[str, dict[str, ManifestRow]] = {}
+    for row in manifest.rows:
+        if row.patient_id:
+            patient_splits.setdefault(row.patient_id, {}).setdefault(row.split, row)
+    for by_split in patient_splits.values():
+        if len(by_split) > 1:  # the studies of one patient are not independent: they must share a split
+            # the patient_id itself is not printed: it may be a real identifier
+            rows = list(by_split.values())
+            report.error(rows[1], "leak_patient", f"this study's patient also has studies in {_where(by_split)}")
     for split in manifest.splits():
         if split and split not in KNOWN_SPLITS:
             rows = manifest.split(split)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, Sampler
 from medhybrid.config import DataConfig, PipelineConfig
 from medhybrid.data.transforms import IMAGE, LABEL, MASK, apply, build_transforms, uses_masks
 from medhybrid.errors import ConfigError, ManifestError
+from medhybrid.evaluate.study_score import resolve_mask_kinds
 from medhybrid.io.manifest import Manifest, ManifestRow, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class TaskData:
     mask_label_names: dict[int, str]
     train_rows: list[ManifestRow]
     val_rows: list[ManifestRow]
+    mask_kinds: dict[int, str] = field(default_factory=dict)  # foreground label -> anatomy | lesion
 
     @property
     def num_classes(self) -> int:
@@ -115,7 +117,15 @@ def load_task_data(cfg: PipelineConfig) -> TaskData:
         splits[split] = rows
     if needs_masks and not mask_names:
         mask_names = {0: "background", 1: "foreground"}
-    return TaskData(manifest, label_names, mask_names, splits[data.train_split], splits[data.val_split])
+    try:
+        kinds = resolve_mask_kinds(
+            mask_names,
+            data.mask_kind or manifest.mask_kind,
+            data.mask_label_kinds if data.mask_label_kinds is not None else manifest.mask_label_kinds,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"data.mask_label_kinds: {exc}", path=data.manifest, fix="see docs/manifests.md") from None
+    return TaskData(manifest, label_names, mask_names, splits[data.train_split], splits[data.val_split], kinds)
 
 
 def row_items(rows: Sequence[ManifestRow], data: DataConfig) -> list[dict[str, Any]]:

@@ -3,6 +3,13 @@
 Each rank runs its share of the validation studies, per-study results are gathered, and every rank
 computes the same metrics from the full list, so early stopping and model selection agree across
 ranks and match a single-process run.
+
+Dice follows evaluate's empty-mask rule (:func:`medhybrid.evaluate.segmentation.dice_with_empty_rule`): a
+class painted into a study that has none scores 0, a class absent from both sides is left out. A
+segmentation-only model with lesion labels also gets its study score
+(:func:`medhybrid.evaluate.study_score.lesion_score`) per study, and the operating point stored with the
+weights is chosen on it (truth: the reference mask holds a lesion voxel). These figures are measured on
+the split that selects the epoch: they drive training and are optimistic as estimates of accuracy.
 """
 
 from __future__ import annotations
@@ -17,12 +24,13 @@ import torch
 from monai.data import CacheDataset
 from monai.data import Dataset as MonaiDataset
 from monai.inferers import sliding_window_inference
-from monai.metrics import DiceMetric
 from monai.transforms import Compose
 from torch import nn
 
 from medhybrid.config import EvalConfig, MinSensitivity, PipelineConfig
 from medhybrid.data.transforms import IMAGE, LABEL, MASK
+from medhybrid.evaluate.segmentation import dice_with_empty_rule
+from medhybrid.evaluate.study_score import lesion_score, reference_abnormal
 from medhybrid.runtime import autocast
 from medhybrid.train import distributed as dist_utils
 from medhybrid.train.distributed import DistInfo
@@ -42,9 +50,14 @@ class Validator:
         device: torch.device,
         num_classes: int,
         seg_classes: int,
+        lesions: Sequence[int] = (),
     ) -> None:
         self.cfg, self.loss, self.info, self.device = cfg, loss, info, device
         self.num_classes, self.seg_classes = num_classes, seg_classes
+        # segmentation-only models with lesion labels: a study score per study (no classifier)
+        self.lesions = list(lesions) if cfg.data.task == "segmentation" else []
+        spacing = cfg.data.spacing or (1.0,) * cfg.data.spatial_dims  # the model grid's voxels
+        self.voxel_ml = float(np.prod(spacing)) / 1000.0
         self.indices = list(range(info.rank, len(items), info.world_size))
         mine = [items[i] for i in self.indices]
         self.data: Any = (
@@ -88,19 +101,13 @@ class Validator:
             mask = sample[MASK][None].to(self.device)
             batch[MASK] = mask
             pred = out["seg_logits"].argmax(1, keepdim=True)
-            record["dice"] = dice_per_class(pred, mask, self.seg_classes)
+            record["dice"] = dice_with_empty_rule(pred, mask, self.seg_classes)
+            if self.lesions:
+                probs = torch.softmax(out["seg_logits"][0], 0)
+                record["score"] = lesion_score(probs, self.lesions, self.voxel_ml, self.cfg.eval.min_lesion_ml)
+                record["label"] = int(reference_abnormal(mask, self.lesions))
         record["loss"] = float(self.loss(out, batch).item())
         return record
-
-
-def dice_per_class(pred: torch.Tensor, mask: torch.Tensor, n_classes: int) -> list[float]:
-    """Foreground Dice per class for one case (NaN where the class is absent from the reference)."""
-    from monai.networks.utils import one_hot
-
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
-    values = metric(one_hot(pred, n_classes), one_hot(mask.long(), n_classes))
-    assert isinstance(values, torch.Tensor)
-    return values[0].cpu().tolist()
 
 
 def compute_metrics(
@@ -112,8 +119,9 @@ def compute_metrics(
 ) -> dict[str, Any]:
     """Metrics over per-study records (``probs``/``label``, ``dice``, ``loss``).
 
-    With class probabilities and both normal (label 0) and abnormal cases present, ``operating_point``
-    holds the threshold chosen by ``rule.operating_point`` (see :func:`operating_point`).
+    With class probabilities (or the lesion ``score`` of a segmentation-only model) and both normal
+    (label 0) and abnormal cases present, ``operating_point`` holds the threshold chosen by
+    ``rule.operating_point`` (see :func:`operating_point`).
     """
     from sklearn.metrics import roc_auc_score
 
@@ -136,6 +144,11 @@ def compute_metrics(
                 )
         if np.any(labels == 0) and np.any(labels != 0):
             out["operating_point"] = operating_point(labels != 0, abnormality(probs), rule)
+    elif records and "score" in records[0]:
+        labels = np.asarray([r["label"] for r in records])
+        if np.any(labels == 0) and np.any(labels != 0):
+            scores = np.asarray([r["score"] for r in records], dtype=np.float64)
+            out["operating_point"] = operating_point(labels != 0, scores, rule)
     if records and "dice" in records[0] and "dice" in metrics:
         per_case = np.asarray([r["dice"] for r in records], dtype=np.float64)  # (N, classes - 1)
         with np.errstate(invalid="ignore"):

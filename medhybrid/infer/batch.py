@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -50,6 +51,7 @@ from medhybrid.infer.report import (
     QCFlag,
     Saliency,
     Source,
+    Structure,
     StudyReport,
     jsonable,
     measure_lesions,
@@ -260,7 +262,7 @@ def run_inference(
     out.mkdir(parents=True, exist_ok=True)
     _clean_partials(out)
     t_start = time.perf_counter()
-    book = _Book(out, predictor, Path(input_path), on_study)
+    book = _Book(out, predictor, Path(input_path), on_study, run_key(predictor, options))
     with _file_log(out / "infer.log"):
         logger.info(
             "infer: %d studies under %s with %s (threshold %.3f, %s)",
@@ -288,9 +290,15 @@ class _Book:
     """The run's results (written by the writer thread; read by the main thread after it ends)."""
 
     def __init__(
-        self, out: Path, predictor: Predictor, input_path: Path, on_study: Callable[[dict[str, Any]], None] | None
+        self,
+        out: Path,
+        predictor: Predictor,
+        input_path: Path,
+        on_study: Callable[[dict[str, Any]], None] | None,
+        run_key: str,
     ) -> None:
         self.out, self.predictor, self.input_path, self.on_study = out, predictor, input_path, on_study
+        self.run_key = run_key
         self.rows: list[dict[str, Any]] = []
         self.failed: list[dict[str, Any]] = []
         self.skipped: list[str] = []
@@ -320,7 +328,7 @@ def _plan(tasks: list[StudyTask], out: Path, options: InferOptions, book: _Book)
         seen.add(task.key)
         final = out / task.key
         if task.error is None and (final / REPORT_FILE).is_file() and not options.overwrite:
-            row = _row_from_report(final / REPORT_FILE)
+            row = _row_from_report(final / REPORT_FILE, book.run_key)
             if row is not None:
                 book.skipped.append(task.key)
                 book.rows.append(row)
@@ -434,15 +442,15 @@ class _Pipeline:
             try:
                 if item.failure is None:
                     try:
-                        report, timings = _finish(item, self.predictor, self.out, self.options)
+                        report, timings = _finish(item, self.predictor, self.out, self.options, self.book.run_key)
                     except Exception as exc:  # noqa: BLE001 - recorded per study, the batch goes on
                         item.failure = _describe(exc, item)
                     else:
                         logger.info(
-                            "study %s: p=%.3f %s (%.2f s)",
+                            "study %s: score %s %s (%.2f s)",
                             item.task.key,
-                            report.probability,
-                            report.decision,
+                            "n/a" if report.probability is None else f"{report.probability:.3f}",
+                            report.decision or "(no verdict)",
                             timings["total"],
                         )
                         self.book.done(_row(report), timings)
@@ -534,7 +542,7 @@ def _clean_partials(out: Path) -> None:
 
 # --- one study -------------------------------------------------------------------------------------
 def _finish(
-    item: _Item, predictor: Predictor, out: Path, options: InferOptions
+    item: _Item, predictor: Predictor, out: Path, options: InferOptions, key: str
 ) -> tuple[StudyReport, dict[str, float]]:
     """Map the prediction back to the scan, measure, write every file, move the study folder into place."""
     task, study, pred = item.task, item.study, item.pred
@@ -546,7 +554,7 @@ def _finish(
     if pred.seg_probs is not None:
         maps.append((pred.seg_probs, argmax_labels, np.uint8))
     coverage: list[float] = []
-    native = to_native_many(maps, pred.affine, study.affine, study.spatial_shape, coverage=coverage)
+    native = to_native_many(maps, pred.affine, pred.native_affine, study.spatial_shape, coverage=coverage)
     saliency = dict(zip(pred.saliency, native, strict=False))
     labels = native[-1] if pred.seg_probs is not None else None
     t_resample = time.perf_counter() - t1
@@ -556,6 +564,7 @@ def _finish(
     partial.mkdir()
     t2 = time.perf_counter()
     report = _build_report(task, study, pred, predictor, labels, saliency, item.source, options)
+    report.run_key = key
     if coverage and coverage[0] < FIELD_OF_VIEW_WARN:
         report.qc.append(
             QCFlag(
@@ -605,7 +614,7 @@ def _commit(partial: Path, final: Path) -> None:
 
 def _qc_flags(study: Study, predictor: Predictor) -> list[QCFlag]:
     flags = [QCFlag(level=r.level.value, code=r.code, message=r.message) for r in study.qc.reasons]
-    if "none stored" in str(predictor.operating_point.get("method")):
+    if predictor.score_method is not None and "none stored" in str(predictor.operating_point.get("method")):
         flags.append(
             QCFlag(
                 level="warn",
@@ -636,10 +645,15 @@ def _build_report(
     options: InferOptions,
 ) -> StudyReport:
     lesions: list[Lesion] = []
+    structures: list[Structure] = []
     if labels is not None:
         n_seg = int(pred.seg_probs.shape[0]) if pred.seg_probs is not None else 2
         names = predictor.mask_label_names or {i: f"class {i}" for i in range(n_seg)}
-        lesions = measure_lesions(labels, study.spacing, names)
+        for seg in measure_lesions(labels, study.spacing, names):
+            if predictor.mask_kinds.get(seg.label, "lesion") == "anatomy":
+                structures.append(Structure(**seg.model_dump()))
+            else:
+                lesions.append(seg)
     flags = _qc_flags(study, predictor)
     verdict = max((f.level for f in flags), key=("ok", "warn", "reject").index, default="ok")
     class_probs = None
@@ -647,14 +661,21 @@ def _build_report(
         class_probs = {
             predictor.label_names.get(i, f"class {i}"): round(float(p), 6) for i, p in enumerate(pred.class_probs)
         }
-    op = {k: v for k, v in jsonable(predictor.operating_point).items() if k in OperatingPoint.model_fields}
+    probability = decision = operating_point = None
+    if pred.probability is not None:  # a model of anatomy only gives no score and no verdict
+        probability = round(min(max(pred.probability, 0.0), 1.0), 6)
+        decision = "abnormal" if pred.probability >= predictor.threshold else "normal"
+        op = {k: v for k, v in jsonable(predictor.operating_point).items() if k in OperatingPoint.model_fields}
+        operating_point = OperatingPoint(**op)
     return StudyReport(
         study_key=task.key,
-        probability=round(min(max(pred.probability, 0.0), 1.0), 6),
-        decision="abnormal" if pred.probability >= predictor.threshold else "normal",
-        operating_point=OperatingPoint(**op),
+        probability=probability,
+        score_method=predictor.score_method if probability is not None else None,
+        decision=decision,
+        operating_point=operating_point,
         class_probabilities=class_probs,
         lesions=lesions,
+        structures=structures,
         qc=flags,
         qc_verdict=verdict,
         model=ModelInfo(
@@ -726,9 +747,11 @@ def _write_outputs(
         )
     if task.series is not None and options.dicom_outputs:
         _write_dicom(folder, task.series, report, predictor, labels, options)
-    frame = DisplayFrame(study.affine, study.spacing, reorient=study.source_format not in ("png", "medmnist"))
+    frame = DisplayFrame(study.affine, study.spacing, two_d=study.is_2d, reorient=study.source_format != "medmnist")
     window = window_for(study.modality, predictor.data_cfg.intensity, study.array)
-    slices, thumb = render_panels(study.array, labels, saliency, frame, window)
+    kinds = set(predictor.mask_kinds.values())
+    mask_title = "Anatomy mask" if kinds == {"anatomy"} else "Lesion mask" if kinds == {"lesion"} else "Mask"
+    slices, thumb = render_panels(study.array, labels, saliency, frame, window, mask_title)
     atomic_write_bytes(folder / "thumb.png", thumb)
     atomic_write_bytes(folder / "report.html", report_html(report.model_dump(mode="json"), slices, predictor.card))
 
@@ -741,7 +764,7 @@ def _write_dicom(
     labels: np.ndarray | None,
     options: InferOptions,
 ) -> None:
-    from medhybrid.infer.dicom_out import AlgorithmInfo, Findings, LesionFinding, source_datasets, write_seg, write_sr
+    from medhybrid.infer.dicom_out import AlgorithmInfo, Findings, SegmentFinding, source_datasets, write_seg, write_sr
 
     algorithm = AlgorithmInfo(
         name=f"medhybrid {predictor.model_name}",
@@ -760,14 +783,16 @@ def _write_dicom(
             folder / "seg.dcm",
             include_phi=options.include_phi,
             sources=sources,
+            segment_kinds=predictor.mask_kinds,
         )
+    measured = [(les, "lesion") for les in report.lesions] + [(st, "anatomy") for st in report.structures]
     findings = Findings(
         probability=report.probability,
         decision=report.decision,
-        threshold=report.operating_point.threshold,
-        lesions=tuple(
-            LesionFinding(label=les.label, name=les.name, volume_ml=les.volume_ml, components=les.components)
-            for les in report.lesions
+        threshold=report.operating_point.threshold if report.operating_point is not None else None,
+        segments=tuple(
+            SegmentFinding(label=m.label, name=m.name, volume_ml=m.volume_ml, components=m.components, kind=kind)
+            for m, kind in sorted(measured, key=lambda x: x[0].label)
         ),
     )
     write_sr(
@@ -780,9 +805,9 @@ def _row(report: StudyReport) -> dict[str, Any]:
     return {
         "study_key": report.study_key,
         "status": "ok",
-        "probability": report.probability,
-        "decision": report.decision,
-        "threshold": report.operating_point.threshold,
+        "probability": "" if report.probability is None else report.probability,
+        "decision": report.decision or "",
+        "threshold": report.operating_point.threshold if report.operating_point is not None else "",
         "lesion_ml": round(sum(les.volume_ml for les in report.lesions), 3) if report.lesions else "",
         "lesion_components": sum(les.components for les in report.lesions) if report.lesions else "",
         "qc_verdict": report.qc_verdict,
@@ -795,18 +820,46 @@ def _row(report: StudyReport) -> dict[str, Any]:
     }
 
 
-def _row_from_report(path: Path) -> dict[str, Any] | None:
-    """The summary row of a finished study (None if its report is unreadable: the study is redone)."""
+def run_key(predictor: Predictor, options: InferOptions) -> str:
+    """Digest of everything that decides a study's report: the weights, how scores become decisions
+    (temperature, operating point, mask kinds, minimum lesion size), TTA, the saliency methods, the
+    outputs asked for and the medhybrid version. A finished study is skipped on a rerun only when its
+    report carries the same key."""
+    settings = {
+        "weights": predictor.weights_sha256,
+        "temperature": predictor.temperature,
+        "operating_point": jsonable(predictor.operating_point),
+        "mask_kinds": predictor.mask_kinds,
+        "min_lesion_ml": predictor.eval_cfg.min_lesion_ml,
+        "tta": predictor.tta,
+        "saliency": list(predictor.saliency_methods),
+        "include_phi": options.include_phi,
+        "dicom_outputs": options.dicom_outputs,
+        "version": __version__,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _row_from_report(path: Path, key: str) -> dict[str, Any] | None:
+    """The summary row of a study finished with the same :func:`run_key`, else None (the study is redone:
+    its report is unreadable, old, or was made by another model or decision settings)."""
     try:
-        return _row(StudyReport.model_validate(json.loads(path.read_text(encoding="utf-8"))))
+        report = StudyReport.model_validate(json.loads(path.read_text(encoding="utf-8")))
     except Exception:  # an old or damaged report: infer the study again
         return None
+    return _row(report) if report.run_key == key else None
+
+
+def _rank_key(row: dict[str, Any]) -> tuple[float, str]:
+    """Worklist order: highest score first; studies without a score (no verdict) after, by key."""
+    score = row.get("probability")
+    return (-float(score) if score not in ("", None) else float("inf"), str(row["study_key"]))
 
 
 def _write_summary(
     out: Path, rows: list[dict[str, Any]], failed: list[dict[str, Any]], predictor: Predictor, input_path: Path
 ) -> None:
-    ranked = sorted(rows, key=lambda r: (-float(r["probability"]), r["study_key"]))
+    ranked = sorted(rows, key=_rank_key)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

@@ -1,14 +1,22 @@
 """A trained model, ready to infer: weights, the checkpoint's own preprocessing, the operating point.
 
-``Predictor.load(RUN_DIR | CHECKPOINT)`` rebuilds the network from the checkpoint (``weights_only``),
-and the inference transforms from the ``data`` section stored in it, so a study is preprocessed exactly
-as in training. ``predict(study)`` returns the class probabilities, the mask probabilities and the
-saliency maps on the model's grid, plus that grid's affine, which :mod:`medhybrid.infer.resample` uses to
-bring everything back to the scan.
+``Predictor(RUN_DIR | CHECKPOINT)`` rebuilds the network(s) (:mod:`medhybrid.infer.loading`; a
+cross-validation run is the ensemble of its fold models) and the inference transforms from the ``data``
+section stored in the checkpoint, so a study is preprocessed exactly as in training. ``predict(study)``
+returns the class probabilities, the mask probabilities and the saliency maps on the model's grid, plus
+that grid's affine and the frame it lives in, which :mod:`medhybrid.infer.resample` uses to bring
+everything back to the scan.
 
 Volumes are inferred whole when the model was trained on whole (resized) images, and with MONAI's
 ``sliding_window_inference`` (Gaussian-weighted, 50 % overlap) over patches of the training patch size
-when it was trained on patches; saliency is computed per window and blended the same way.
+when it was trained on patches. Saliency maps are raw per window; they are blended like the masks and
+normalised to [0, 1] once per study, so a window without evidence stays dark.
+
+Combining passes (flip TTA, ensemble members): classification **logits** are averaged (so the stored
+temperature divides the logits the model really produced), mask probabilities are averaged, raw saliency
+maps are averaged. The study's score is ``1 - p(normal)`` for a classifier; for a segmentation-only model
+it is :func:`medhybrid.evaluate.study_score.lesion_score` over its lesion labels, and there is none when
+every label is anatomy (no abnormality verdict).
 """
 
 from __future__ import annotations
@@ -23,17 +31,25 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from medhybrid.config import DataConfig
-from medhybrid.data.transforms import IMAGE, apply, build_transforms, patch_sampling
-from medhybrid.errors import CheckpointError
-from medhybrid.infer.saliency import SALIENCY_METHODS, Explainer
-from medhybrid.io.study import Study
+from medhybrid.config import DataConfig, EvalConfig
+from medhybrid.data.transforms import IMAGE, apply, build_transforms, frame_affine, patch_sampling
+from medhybrid.evaluate.study_score import LESION_SCORE_METHOD, lesion_labels, lesion_score, resolve_mask_kinds
+from medhybrid.infer.card import model_card
+from medhybrid.infer.loading import (
+    Member,
+    check_members,
+    ensemble_digest,
+    load_member,
+    resolve_device,
+    resolve_model,
+)
+from medhybrid.infer.resample import lift_affine
+from medhybrid.infer.saliency import SALIENCY_METHODS, normalise
+from medhybrid.io.study import Study, spacing_from_affine
 from medhybrid.models.base import MedModel
-from medhybrid.models.registry import create_model
 from medhybrid.runtime import autocast
-from medhybrid.train.checkpoint import load_checkpoint, sha256_file
+from medhybrid.train.checkpoint import read_calibration
 from medhybrid.train.evaluate import abnormality
-from medhybrid.train.records import BEST_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -45,61 +61,43 @@ class Prediction:
     """What the model says about one study, on the model's grid.
 
     Attributes:
-        probability: probability of abnormality (``1 - p(class 0)``; for a segmentation-only model, the
-            largest foreground probability of any voxel).
-        class_probs: probability per class, or None without a classification head.
+        probability: the study's score: probability of abnormality ``1 - p(class 0)`` for a classifier,
+            the lesion score for a segmentation-only lesion model, None when there is no verdict to give
+            (a segmentation model of anatomy only).
+        class_probs: probability per class (temperature applied), or None without a classification head.
+        logits: the classification logits before the temperature (averaged over TTA flips and ensemble
+            members), or None.
         seg_probs: ``(S, *spatial)`` softmax of the mask, or None without a decoder.
-        saliency: method -> ``(1, *spatial)`` map in [0, 1].
-        affine: voxel-to-RAS affine of the model grid.
+        saliency: method -> ``(1, *spatial)`` map in [0, 1], normalised once for the study.
+        affine: affine of the model grid, in the preprocessing frame (4x4, or 3x3 for 2D).
+        native_affine: the study's affine in that same frame (RAS in 3D, display frame in 2D): model
+            outputs go back to the scan with ``to_native(..., affine, native_affine, ...)``.
         timings: seconds per step (``preprocess``, ``model``).
     """
 
-    probability: float
+    probability: float | None
     class_probs: np.ndarray | None
+    logits: np.ndarray | None
     seg_probs: torch.Tensor | None
     saliency: dict[str, torch.Tensor]
     affine: np.ndarray
+    native_affine: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class Prepared:
-    """A preprocessed study: the model input ``(1, C, *spatial)``, its grid's affine, the time it took."""
+    """A preprocessed study: the model input ``(1, C, *spatial)``, its grid's affine, the study's affine in
+    the same frame (see :class:`Prediction`), the time it took."""
 
     x: torch.Tensor
     affine: np.ndarray
+    native_affine: np.ndarray
     seconds: float
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A run folder means its ``best.pt``; a file is taken as it is.
-
-    Raises:
-        CheckpointError: nothing usable at ``path``.
-    """
-    path = Path(path)
-    if path.is_dir():
-        best = path / BEST_FILE
-        if not best.is_file():
-            raise CheckpointError(
-                f"run folder has no {BEST_FILE}", path=path, fix="give a finished training run or a .pt checkpoint"
-            )
-        return best
-    if not path.is_file():
-        raise CheckpointError("not found", path=path, fix="give a run folder or a .pt checkpoint")
-    return path
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CheckpointError("CUDA is not available on this machine", fix="use --device cpu")
-    return torch.device(name)
-
-
 class Predictor:
-    """One trained model and its preprocessing (see the module docstring)."""
+    """One trained model, or the ensemble of a cross-validation run, and its preprocessing."""
 
     def __init__(
         self,
@@ -111,41 +109,48 @@ class Predictor:
         threshold: float | None = None,
         temperature: float | None = None,
     ) -> None:
-        self.path = resolve_checkpoint(checkpoint)
+        source = resolve_model(checkpoint)
+        self.path = source.path
         self.device = resolve_device(device)
-        ckpt = load_checkpoint(self.path, map_location="cpu")
-        try:
-            model = create_model(ckpt["model_name"], **ckpt["model_args"])
-            model.load_state_dict(ckpt["model"])
-            self.data_cfg = DataConfig.model_validate(ckpt["preprocessing"])
-        except Exception as exc:  # an edited or foreign checkpoint: say which file, not a traceback
-            raise CheckpointError(
-                f"cannot rebuild the model from it ({type(exc).__name__}: {str(exc)[:200]})",
-                path=self.path,
-                fix="use a checkpoint written by this medhybrid version's `medhybrid train`",
-            ) from None
-        self.model: MedModel = model.to(self.device).eval()
+        self.members: list[Member] = [load_member(p, self.device, saliency) for p in source.members]
+        check_members(self.members, self.path)
+        ckpt = self.members[0].ckpt
+        self.ensemble = source.ensemble
+        self.model: MedModel = self.members[0].model
         self.model_name: str = ckpt["model_name"]
         self.model_args: dict[str, Any] = dict(ckpt["model_args"])
+        self.data_cfg = DataConfig.model_validate(ckpt["preprocessing"])
         self.task: str = ckpt.get("task", self.data_cfg.task)
         self.config: dict[str, Any] = dict(ckpt.get("config") or {})
         self.label_names = {int(k): str(v) for k, v in (ckpt.get("label_names") or {}).items()}
         self.mask_label_names = {int(k): str(v) for k, v in (ckpt.get("mask_label_names") or {}).items()}
-        self.weights_sha256 = sha256_file(self.path)
+        stored_kinds = ckpt.get("mask_kinds")
+        self.mask_kinds = (
+            {int(k): str(v) for k, v in stored_kinds.items()}
+            if stored_kinds is not None
+            else resolve_mask_kinds(self.mask_label_names)  # checkpoints from before mask kinds: lesions
+        )
+        self.eval_cfg = EvalConfig.model_validate(self.config.get("eval") or {})
+        self.weights_sha256 = ensemble_digest(self.members)
         self.tta = tta
         self.transform = build_transforms(self.data_cfg, "infer")
         self.sliding = patch_sampling(self.data_cfg)
-        self.explainer = Explainer(self.model, saliency)
+        self.classifies = self.model.num_classes > 0
+        self.lesions = [] if self.classifies else lesion_labels(self.mask_kinds)
+        # what the study's score is: a classifier's probability, a lesion score, or nothing
+        self.score_method: str | None = (
+            "classifier" if self.classifies else LESION_SCORE_METHOD if self.lesions else None
+        )
         # Temperature scaling and the operating point of calibrated probabilities, stored by
-        # `medhybrid evaluate` (fitted on the validation split); they replace training's uncalibrated one.
-        calibration = ckpt.get("calibration") or {}
-        self.calibration: dict[str, Any] = dict(calibration)
-        fitted = float(calibration.get("temperature", 1.0))
+        # `medhybrid evaluate` (or `train --folds` for an ensemble) in a sidecar; they replace training's.
+        legacy = ckpt.get("calibration") if self.ensemble is None else None
+        self.calibration = read_calibration(self.path, self.weights_sha256, legacy)
+        fitted = float(self.calibration.get("temperature", 1.0))
         self.temperature = fitted if temperature is None else float(temperature)
-        # each stored threshold belongs to the probabilities it was chosen on: calibrated or raw (T = 1)
-        if self.temperature == fitted and calibration.get("operating_point"):
-            stored = calibration["operating_point"]
-        elif self.temperature == 1.0:
+        # each stored threshold belongs to the scores it was chosen on: calibrated or raw (T = 1)
+        if self.temperature == fitted and self.calibration.get("operating_point"):
+            stored = self.calibration["operating_point"]
+        elif self.temperature == 1.0 and self.ensemble is None:
             stored = ckpt.get("operating_point")
         else:
             stored = None
@@ -155,7 +160,7 @@ class Predictor:
             self.operating_point = dict(stored)
         else:
             self.operating_point = {"threshold": DEFAULT_THRESHOLD, "method": "default (none stored in checkpoint)"}
-        self.card = _model_card(ckpt, self)
+        self.card = model_card(self)
 
     @property
     def threshold(self) -> float:
@@ -163,7 +168,7 @@ class Predictor:
 
     @property
     def saliency_methods(self) -> tuple[str, ...]:
-        return self.explainer.methods
+        return self.members[0].explainer.methods
 
     def preprocess(self, study: Study) -> Prepared:
         """The checkpoint's inference transforms applied to a loaded study (no model involved, so this
@@ -172,141 +177,105 @@ class Predictor:
         image = apply(self.transform, {IMAGE: study})[IMAGE]
         affine = np.asarray(image.affine, dtype=np.float64)
         tensor = image.as_tensor() if hasattr(image, "as_tensor") else image
-        return Prepared(tensor[None].to(torch.float32), affine, time.perf_counter() - t0)
+        native = frame_affine(study.affine, self.data_cfg.spatial_dims)
+        return Prepared(tensor[None].to(torch.float32), affine, native, time.perf_counter() - t0)
 
     def predict(self, study: Study) -> Prediction:
         """Preprocess and run the model (with saliency, and flip TTA if enabled) on one study."""
         return self.run(self.preprocess(study))
 
     def run(self, prepared: Prepared, *, explain: bool = True) -> Prediction:
-        """The model on a preprocessed study: probabilities, mask probabilities, saliency (skipped, with
-        its backward pass, when ``explain`` is False)."""
+        """The model(s) on a preprocessed study: scores, mask probabilities, saliency (skipped, with its
+        backward pass, when ``explain`` is False)."""
         t1 = time.perf_counter()
         x = prepared.x.to(self.device)
-        explained = self._explained(x) if explain else self._plain(x)
-        probs = explained.get("probs")
-        seg = explained.get("seg")
+        passes = [self._member_pass(m, x, explain) for m in self.members]
         if self.tta:
-            probs, seg = self._tta(x, probs, seg)
+            passes += [self._flipped(m, x, axis) for m in self.members for axis in range(2, x.ndim)]
+        logits = _mean([p["logits"] for p in passes if "logits" in p])
+        seg = _mean([p["seg"] for p in passes if "seg" in p])
+        saliency = {}
+        for method in self.saliency_methods:
+            maps = [p[method] for p in passes if method in p]
+            if maps:
+                saliency[method] = normalise(_mean(maps))[0].cpu()  # type: ignore[arg-type]
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
-        if probs is not None:
-            class_probs: np.ndarray | None = probs[0].cpu().numpy().astype(np.float64)
-            probability = float(abnormality(class_probs[None])[0])  # type: ignore[index]
-        else:
-            class_probs = None
-            assert seg is not None
-            probability = float(seg[0, 1:].max().item())
+        class_probs = raw_logits = None
+        probability: float | None = None
+        if logits is not None:
+            raw_logits = logits[0].cpu().numpy().astype(np.float64)
+            class_probs = torch.softmax(logits[0] / self.temperature, 0).cpu().numpy().astype(np.float64)
+            probability = float(abnormality(class_probs[None])[0])
+        elif seg is not None and self.lesions:
+            voxel_ml = float(np.prod(spacing_from_affine(lift_affine(prepared.affine)))) / 1000.0
+            probability = lesion_score(seg[0], self.lesions, voxel_ml, self.eval_cfg.min_lesion_ml)
         return Prediction(
             probability=probability,
             class_probs=class_probs,
+            logits=raw_logits,
             seg_probs=seg[0].cpu() if seg is not None else None,
-            saliency={m: explained[m][0].cpu() for m in self.saliency_methods if m in explained},
+            saliency=saliency,
             affine=prepared.affine,
+            native_affine=prepared.native_affine,
             timings={"preprocess": prepared.seconds, "model": t2 - t1},
         )
 
     # --- model passes ------------------------------------------------------------------------------
-    def _explained(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One pass with saliency: ``probs`` (B, C), ``seg`` (B, S, *spatial) and the saliency maps."""
+    def _member_pass(self, member: Member, x: torch.Tensor, explain: bool) -> dict[str, torch.Tensor]:
+        """One member on ``x``: ``logits`` (B, C) raw, ``seg`` (B, S, *spatial) probabilities, and (with
+        ``explain``) the raw saliency maps (B, 1, *spatial)."""
+        if explain:
+
+            def window(t: torch.Tensor) -> dict[str, torch.Tensor]:
+                with autocast(self.device):
+                    result = member.explainer(t)
+                return {**_outputs(result.pop("outputs")), **result}
+
+        else:
+
+            @torch.no_grad()
+            def window(t: torch.Tensor) -> dict[str, torch.Tensor]:
+                with autocast(self.device):
+                    return _outputs(member.model(t))
+
         if not self.sliding:
-            return self._window(x)
+            return window(x)
         assert self.data_cfg.patch_size is not None
         out = sliding_window_inference(
             x,
             roi_size=self.data_cfg.patch_size,
-            sw_batch_size=1,  # saliency is per window; batch 1 keeps Grad-CAM's normalisation per window
-            predictor=self._window,
+            sw_batch_size=1 if explain else 4,  # one backward pass per window (memory), batched without saliency
+            predictor=window,
             overlap=0.5,
             mode="gaussian",
         )
         assert isinstance(out, dict)
         return {str(k): v for k, v in out.items()}
 
-    def _window(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        with autocast(self.device):
-            result = self.explainer(x)
-        return {**_probabilities(result.pop("outputs"), self.temperature), **result}
+    def _flipped(self, member: Member, x: torch.Tensor, axis: int) -> dict[str, torch.Tensor]:
+        """A TTA pass on ``x`` flipped along ``axis`` (no saliency), its mask flipped back.
 
-    @torch.no_grad()
-    def _plain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Probabilities without saliency (the TTA passes)."""
-
-        def run(t: torch.Tensor) -> dict[str, torch.Tensor]:
-            with autocast(self.device):
-                return _probabilities(self.model(t), self.temperature)
-
-        if not self.sliding:
-            return run(x)
-        assert self.data_cfg.patch_size is not None
-        out = sliding_window_inference(
-            x, roi_size=self.data_cfg.patch_size, sw_batch_size=4, predictor=run, overlap=0.5, mode="gaussian"
-        )
-        assert isinstance(out, dict)
-        return {str(k): v for k, v in out.items()}
-
-    def _tta(
-        self, x: torch.Tensor, probs: torch.Tensor | None, seg: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Average the probabilities over the identity and a flip along each spatial axis (written here:
-        MONAI's ``TestTimeAugmentation`` runs random transforms and inverts them per sample, which is far
-        more than flips need)."""
-        n = 1
-        probs_sum = probs.clone() if probs is not None else None
-        seg_sum = seg.clone() if seg is not None else None
-        for axis in range(2, x.ndim):
-            out = self._plain(torch.flip(x, dims=(axis,)))
-            if probs_sum is not None:
-                probs_sum += out["probs"]
-            if seg_sum is not None:
-                seg_sum += torch.flip(out["seg"], dims=(axis,))
-            n += 1
-        return (
-            probs_sum / n if probs_sum is not None else None,
-            seg_sum / n if seg_sum is not None else None,
-        )
+        Written here: MONAI's ``TestTimeAugmentation`` runs random transforms and inverts them per sample,
+        which is far more than flips need."""
+        out = self._member_pass(member, torch.flip(x, dims=(axis,)), explain=False)
+        if "seg" in out:
+            out["seg"] = torch.flip(out["seg"], dims=(axis,))
+        return out
 
 
-def _probabilities(outputs: dict[str, torch.Tensor], temperature: float = 1.0) -> dict[str, torch.Tensor]:
-    """Softmax of a model's outputs: ``probs`` ``(B, C)`` from ``logits / temperature``, ``seg`` from
-    ``seg_logits`` (the temperature calibrates the study-level probability only)."""
+def _outputs(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model's outputs as the passes combine them: raw ``logits``, ``seg`` probabilities."""
     out: dict[str, torch.Tensor] = {}
     if "logits" in outputs:
-        out["probs"] = torch.softmax(outputs["logits"].float() / temperature, 1)
+        out["logits"] = outputs["logits"].float()
     if "seg_logits" in outputs:
         out["seg"] = torch.softmax(outputs["seg_logits"].float(), 1)
     return out
 
 
-def _model_card(ckpt: dict[str, Any], predictor: Predictor) -> dict[str, Any]:
-    """What a reader of a report should know about the model (no patient data: the checkpoint has none)."""
-    history = ckpt.get("history") or []
-    best = ckpt.get("best") or {}
-    best_epoch = best.get("epoch")
-    record = next((r for r in history if r.get("epoch") == best_epoch), history[-1] if history else {})
-    config = ckpt.get("config") or {}
-    return {
-        "model_name": predictor.model_name,
-        "task": predictor.task,
-        "label_names": predictor.label_names,
-        "mask_label_names": predictor.mask_label_names,
-        "pipeline": config.get("name"),
-        "trained_epochs": ckpt.get("epoch"),
-        "best_epoch": best_epoch,
-        "validation": {
-            k[4:]: v for k, v in record.items() if k.startswith("val_") and isinstance(v, (int, float, list))
-        },
-        "manifest_sha256": ckpt.get("manifest_sha256"),
-        "calibration": {k: v for k, v in (ckpt.get("calibration") or {}).items() if k != "operating_point"},
-        "preprocessing": {
-            k: ckpt["preprocessing"].get(k)
-            for k in ("spatial_dims", "modality", "intensity", "spacing", "orientation", "spatial_size", "patch_size")
-            if k in ckpt["preprocessing"]
-        },
-        "versions": ckpt.get("versions") or {},
-        "intended_use": (
-            "Research use only: decision support for radiologist review, not a diagnosis. Validated only on data "
-            "like its training manifest; check the QC flags and the images."
-        ),
-    }
+def _mean(values: list[torch.Tensor]) -> torch.Tensor | None:
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else torch.stack(values).mean(0)

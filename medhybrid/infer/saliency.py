@@ -5,14 +5,19 @@ pass gives the Grad-CAM gradients. So explaining a prediction costs one backward
 
 - **Grad-CAM** (MONAI's ``GradCAM``): the score is the log-odds of abnormality against the normal
   class, ``logit[c] - logit[0]`` for the most likely abnormal class ``c``; for a segmentation-only model,
-  the mean foreground-vs-background log-odds of the mask. The map is upsampled to the input and
-  min-max normalised to [0, 1].
+  the mean foreground-vs-background log-odds of the mask. The map is upsampled to the input and kept
+  *raw* (MONAI's per-sample min-max ``postprocessing`` is replaced by the identity).
 - **Attention rollout** (Abnar & Zuidema, 2020), written here because neither MONAI nor any
   well-kept library implements it for a custom Transformer: per block, head-averaged attention plus
   the identity (the residual path), rows renormalised, multiplied through the blocks. The row of the
   CLS token gives the relevance of each token to the classification; a segmentation-only model uses
-  the mean row over the image tokens. The token grid is upsampled to the input (trilinear/bilinear)
-  and min-max normalised.
+  the mean row over the image tokens. The token grid is upsampled to the input (trilinear/bilinear),
+  raw.
+
+The maps leave the :class:`Explainer` unnormalised on purpose: a volume inferred by sliding windows is
+explained window by window, and a per-window [0, 1] scale would give every window, evidence or not, its
+own bright spot (the blended map shows the patch grid). The caller blends the raw maps over windows
+(and ensemble members) and normalises once per study with :func:`normalise`.
 """
 
 from __future__ import annotations
@@ -85,8 +90,12 @@ def rollout(maps: list[torch.Tensor], grid: tuple[int, ...], use_cls: bool) -> t
     return relevance.reshape(relevance.shape[0], 1, *grid)
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def normalise(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample min-max to [0, 1] (a constant map becomes 0)."""
+    """Per-sample min-max to [0, 1] (a constant map becomes 0): applied once per study, after blending."""
     flat = x.flatten(1)
     lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
     out = (flat - lo) / (hi - lo).clamp(min=1e-12)
@@ -103,11 +112,15 @@ class Explainer:
         # training mode (batch statistics in BatchNorm, running stats updated by every later forward).
         self.scored = _Scored(model, "attention" in self.methods).train(model.training)
         layer = gradcam_layer(model) if "gradcam" in self.methods else None
-        self.cam = GradCAM(self.scored, target_layers=f"model.{layer}") if layer is not None else None
+        self.cam = (
+            GradCAM(self.scored, target_layers=f"model.{layer}", postprocessing=_identity)
+            if layer is not None
+            else None
+        )
 
     def __call__(self, x: torch.Tensor) -> dict[str, Any]:
-        """``x`` ``(B, C, *spatial)`` -> ``outputs`` (the model's output dict, detached) and one
-        ``(B, 1, *spatial)`` map in [0, 1] per supported method."""
+        """``x`` ``(B, C, *spatial)`` -> ``outputs`` (the model's output dict, detached) and one raw
+        ``(B, 1, *spatial)`` map (>= 0, not normalised) per supported method."""
         scored = self.scored
         was_training = scored.model.training
         result: dict[str, Any] = {}
@@ -126,8 +139,7 @@ class Explainer:
                     [m.detach().float() for m in scored.attention], scored.grid, "logits" in scored.outputs
                 )
                 mode = "trilinear" if rolled.ndim == 5 else "bilinear"
-                up = F.interpolate(rolled, size=tuple(x.shape[2:]), mode=mode, align_corners=False)
-                result["attention"] = normalise(up)
+                result["attention"] = F.interpolate(rolled, size=tuple(x.shape[2:]), mode=mode, align_corners=False)
         scored.outputs, scored.attention = {}, []
         scored.train(was_training)  # whatever GradCAM did, the model leaves in the mode it came in
         return result

@@ -8,12 +8,19 @@ rebuild the model and its preprocessing, and everything ``--resume`` needs to co
 ``scheduler``, ``rng``, ``config`` (the resolved pipeline), ``preprocessing`` (the ``data`` section),
 ``label_names``, ``mask_label_names``, ``versions``, ``manifest_sha256``, ``seed``, ``stage``,
 ``stage_epoch``, ``epoch``, ``global_step``, ``best``, ``history``, ``world_size``.
+
+A checkpoint is never rewritten after training. What ``medhybrid evaluate`` fits later (temperature,
+operating point) goes into a **calibration sidecar** next to it (``best.pt`` ->
+``best.calibration.json``), which records the digest of the weights it was fitted for; a sidecar whose
+digest does not match the weights (the run was resumed and ``best.pt`` replaced) is ignored. The weights
+digest (:func:`weights_digest`) hashes the model's tensors only, so it names the weights and nothing else.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import platform
 import random
@@ -30,6 +37,7 @@ from torch import nn
 
 from medhybrid.errors import CheckpointError
 from medhybrid.io.writers import atomic_write_bytes
+from medhybrid.train.records import json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +62,54 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's tensors (name, dtype, shape and bytes, in name order): the identity of the
+    weights, unchanged by anything else stored beside them (optimizer, history, calibration)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def calibration_path(checkpoint: Path) -> Path:
+    """The calibration sidecar of a checkpoint: ``best.pt`` -> ``best.calibration.json``."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.stem + ".calibration.json")
+
+
+def write_calibration(checkpoint: Path, calibration: Mapping[str, Any], weights: str) -> Path:
+    """Store ``calibration`` (temperature, operating point, where it was fitted) beside ``checkpoint`` for
+    the weights with digest ``weights``, atomically; the checkpoint itself is not touched."""
+    payload = {**json_safe(dict(calibration)), "weights_digest": weights}
+    return atomic_write_bytes(calibration_path(checkpoint), (json.dumps(payload, indent=2) + "\n").encode())
+
+
+def read_calibration(checkpoint: Path, weights: str, legacy: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The calibration stored for ``checkpoint`` and the weights with digest ``weights``, or ``{}``.
+
+    A sidecar fitted for other weights is ignored with a warning. ``legacy``: the ``calibration`` entry that
+    checkpoints written before sidecars existed carry inside them (used when there is no sidecar).
+
+    Raises:
+        CheckpointError: the sidecar exists but is not valid JSON.
+    """
+    path = calibration_path(checkpoint)
+    if not path.is_file():
+        return dict(legacy or {})
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"calibration sidecar unreadable ({exc})", path=path, fix="delete it and rerun evaluate"
+        ) from None
+    if not isinstance(data, dict) or data.get("weights_digest") != weights:
+        logger.warning("%s was fitted for other weights (the checkpoint changed since); ignored", path)
+        return {}
+    return data
 
 
 def rng_state() -> dict[str, Any]:

@@ -19,6 +19,9 @@ from medhybrid.io.writers import atomic_write_bytes
 
 CONFIG_FILE, METRICS_FILE, CURVES_FILE, RUN_FILE = "config.yaml", "metrics.jsonl", "curves.png", "run.json"
 BEST_FILE, LAST_FILE, TB_DIR = "best.pt", "last.pt", "tensorboard"
+# a cross-validation run (`train --folds`): its fold models, and the folds themselves
+ENSEMBLE_FILE, FOLDS_FILE, CV_DIR = "ensemble.json", "folds.json", "cv"
+METRICS_JSON = "metrics.json"  # what `evaluate` (and the pooled cross-validation report) writes
 
 
 def json_safe(value: Any) -> Any:

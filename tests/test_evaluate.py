@@ -21,9 +21,9 @@ from medhybrid.cli import app
 from medhybrid.config import load_pipeline
 from medhybrid.data.synth import synthesize_cohort
 from medhybrid.errors import ConfigError, InputError
+from medhybrid.evaluate.bootstrap import paired_auroc_delta, paired_mean_delta
 from medhybrid.evaluate.compare import CompareOptions, compare, parse_model_args
 from medhybrid.evaluate.faithfulness import area, deletion_inputs, deletion_scores
-from medhybrid.evaluate.bootstrap import paired_auroc_delta, paired_mean_delta
 from medhybrid.evaluate.runner import EvaluateOptions, evaluate, parse_operating_point
 from medhybrid.evaluate.segmentation import segmentation_scores
 from medhybrid.infer.predictor import Predictor
@@ -191,7 +191,11 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_evaluate_writes_everything_and_infer_uses_the_temperature(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
+    from medhybrid.infer.predictor import Prepared
+
     out = tmp_path / "eval"
+    checkpoint_bytes = (run_dir / "best.pt").read_bytes()
+    before = Predictor(run_dir, device="cpu").weights_sha256
     result = CliRunner().invoke(
         app,
         [
@@ -207,38 +211,43 @@ def test_evaluate_writes_everything_and_infer_uses_the_temperature(cohort: Path,
     assert [r["study_id"] for r in rows] == test_ids and all(r["status"] == "ok" for r in rows)
     c = m["classification"]
     labels = np.array([int(r["label"]) for r in rows])
-    probs = np.array([float(r["probability"]) for r in rows])
-    if len(set(labels)) == 2:
-        assert c["auroc"]["value"] == pytest.approx(roc_auc_score(labels, probs))
-        assert c["auroc"]["ci_low"] <= c["auroc"]["value"] <= c["auroc"]["ci_high"]
+    assert set(labels) == {0, 1}  # the synthetic cohort's test split always has both classes
+    raw = np.array([float(r["probability_raw"]) for r in rows])
+    calibrated_p = np.array([float(r["probability"]) for r in rows])
+    assert c["auroc"]["value"] == roc_auc_score(labels, raw)  # rank metrics: raw scores
+    assert c["auroc"]["ci_low"] <= c["auroc"]["value"] <= c["auroc"]["ci_high"]
     assert c["protocol"].startswith("temperature and threshold fitted on the calibration split")
+    assert m["splits"]["evaluated"] == "test" and m["splits"]["selection"] == ["val"] and "warning" not in m["splits"]
     op = c["at_operating_point"]
-    called = probs >= op["threshold"]
+    called = calibrated_p >= op["threshold"]
     assert op["tp"] == int((called & (labels == 1)).sum()) and op["tn"] == int((~called & (labels == 0)).sum())
-    assert {r["decision"] for r in rows} <= {"abnormal", "normal"}
+    assert [r["decision"] for r in rows] == ["abnormal" if v else "normal" for v in called]
     # segmentation: every foreground class has Dice/HD95/NSD per study and a mean with a CI
     seg = m["segmentation"]
     assert seg["per_class"] and all(set(v) == {"dice", "hd95", "nsd"} for v in seg["per_class"].values())
     assert any(k.startswith("hd95_") for k in rows[0])
-    # saliency saved per study, faithfulness summarised
+    # saliency saved per study; faithfulness exactly when some study was called abnormal
     assert rows[0]["saliency_files"] and (out / rows[0]["saliency_files"].split(";")[0]).is_file()
-    if "faithfulness" in m:
-        assert "random" in m["faithfulness"]
+    assert ("faithfulness" in m) == bool(called.any())
     html = (out / "report.html").read_text()
     assert html.count("<img") >= 3 and "ECE" in html
-    # the temperature went into the checkpoint, the Predictor applies it, the raw path stays available
-    ckpt = load_checkpoint(run_dir / "best.pt")
-    temperature = ckpt["calibration"]["temperature"]
+    # the calibration went into the sidecar: the checkpoint and the weights' hash are unchanged
+    assert (run_dir / "best.pt").read_bytes() == checkpoint_bytes
+    sidecar = json.loads((run_dir / "best.calibration.json").read_text())
+    assert m["calibration_stored_in"] == str(run_dir / "best.calibration.json")
+    temperature = sidecar["temperature"]
     assert temperature == pytest.approx(c["temperature"]) and temperature > 0
     calibrated = Predictor(run_dir, device="cpu")
-    raw = Predictor(run_dir, device="cpu", temperature=1.0)
+    plain = Predictor(run_dir, device="cpu", temperature=1.0)
+    assert calibrated.weights_sha256 == before == sidecar["weights_digest"]
     assert calibrated.temperature == pytest.approx(temperature)
-    assert calibrated.operating_point["threshold"] == pytest.approx(ckpt["calibration"]["operating_point"]["threshold"])
-    assert raw.operating_point == ckpt["operating_point"]
-    x = torch.randn(1, 1, 64, 64)
-    logits = raw.model(x)["logits"]
-    got = calibrated._plain(x)["probs"]
-    assert torch.allclose(got, torch.softmax(logits / temperature, 1), atol=1e-5)
+    assert calibrated.operating_point["threshold"] == pytest.approx(sidecar["operating_point"]["threshold"])
+    assert plain.operating_point == load_checkpoint(run_dir / "best.pt")["operating_point"]
+    prepared = Prepared(torch.randn(1, 1, 64, 64), np.eye(3), np.eye(3), 0.0)
+    a, b = calibrated.run(prepared, explain=False), plain.run(prepared, explain=False)
+    assert a.logits is not None and np.array_equal(a.logits, b.logits)  # the temperature divides these logits
+    expected = torch.softmax(torch.as_tensor(a.logits) / temperature, 0).numpy()
+    assert np.allclose(a.class_probs, expected, atol=1e-6)
 
 
 def test_evaluate_on_the_calibration_split_is_cross_fitted(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
@@ -319,7 +328,7 @@ def test_saliency_and_tta_leave_the_model_untouched(run_dir: Path) -> None:
 
     predictor = Predictor(run_dir, device="cpu", tta=True)
     state = {k: v.clone() for k, v in predictor.model.state_dict().items()}
-    prepared = Prepared(torch.randn(1, 1, 64, 64), np.eye(3), 0.0)
+    prepared = Prepared(torch.randn(1, 1, 64, 64), np.eye(3), np.eye(3), 0.0)
     first = predictor.run(prepared)
     second = predictor.run(prepared)
     assert not predictor.model.training

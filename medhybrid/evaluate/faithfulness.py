@@ -16,10 +16,13 @@ medhybrid's own.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+
+from medhybrid.evaluate import bootstrap as B
 
 DEFAULT_STEPS = 10
 DEFAULT_RANDOM_ORDERS = 3
@@ -96,4 +99,25 @@ def deletion_scores(
         out[name] = {"curve": [float(v) for v in normed], "auc": area(normed, fractions)}
     for name in maps:
         out[name]["faithfulness"] = float(out["random"]["auc"]) - float(out[name]["auc"])  # type: ignore[arg-type]
+    return out
+
+
+def faithfulness_summary(
+    done: Sequence[dict[str, dict[str, Any]]], *, groups: Sequence[str] | None, n_boot: int, seed: int
+) -> dict[str, Any]:
+    """Mean deletion curve, deletion AUC and faithfulness (with CIs) per method over studies' results of
+    :func:`deletion_scores` (``groups``: the studies' sampling units, for clustered CIs)."""
+    if not done:
+        return {}
+    out: dict[str, Any] = {"n": len(done)}
+    for name in done[0]:
+        curves = np.asarray([d[name]["curve"] for d in done])
+        entry: dict[str, Any] = {
+            "mean_curve": curves.mean(0).tolist(),
+            "auc": B.mean_ci(np.asarray([d[name]["auc"] for d in done]), groups=groups, n_boot=n_boot, seed=seed),
+        }
+        if name != "random":
+            values = np.asarray([d[name]["faithfulness"] for d in done])
+            entry["faithfulness"] = B.mean_ci(values, groups=groups, n_boot=n_boot, seed=seed)
+        out[name] = entry
     return out

@@ -39,6 +39,8 @@ def _classification(c: dict[str, Any]) -> str:
         ("AUROC (95 % CI)", _ci(c.get("auroc"))),
         ("Average precision", _num(c.get("average_precision"))),
         ("Protocol", c.get("protocol")),
+        ("Score", c.get("score")),
+        ("AUROC, AP, curves on", c.get("rank_metrics_on")),
         ("Temperature", _num(c.get("temperature"))),
         ("Threshold (mean over folds)", _num(op.get("threshold"))),
     ]
@@ -132,6 +134,13 @@ def _faithfulness(f: dict[str, Any]) -> str:
     return "<h2>Saliency faithfulness</h2>" + intro + _table(rows) + _figure(curves)
 
 
+def _splits_text(splits: dict[str, Any]) -> str:
+    return (
+        f"evaluated on {splits.get('evaluated')}; temperature and threshold fitted on {splits.get('calibration')}; "
+        f"model trained on {splits.get('training')}, epoch selected on {splits.get('selection')}"
+    )
+
+
 def evaluation_html(result: dict[str, Any]) -> bytes:
     """The page for one ``metrics.json`` dict."""
     model = result["model"]
@@ -144,15 +153,20 @@ def evaluation_html(result: dict[str, Any]) -> bytes:
                 ("Weights SHA-256", model["weights_sha256"]),
                 ("Manifest", result["manifest"]),
                 ("Studies", f"{result['n_studies']} ({result['n_failed']} failed)"),
+                ("Splits", _splits_text(result.get("splits") or {})),
                 (
                     "Bootstrap",
                     f"{result['bootstrap']['n_boot']} replicates, seed {result['bootstrap']['seed']}, "
-                    "percentile 95 % CI, stratified by class for AUROC",
+                    f"{result['bootstrap'].get('method', 'BCa')} 95 % CI, resampling "
+                    f"{result['bootstrap'].get('resampling', 'studies')} (stratified by class for AUROC)",
                 ),
                 ("medhybrid", result["medhybrid_version"]),
             ]
         ),
     ]
+    warning = (result.get("splits") or {}).get("warning")
+    if warning:
+        parts.append(f'<div class="banner">{_e(warning)}</div>')
     if "classification" in result:
         parts.append(_classification(result["classification"]))
     if "segmentation" in result:

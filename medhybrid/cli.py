@@ -281,11 +281,14 @@ def data_import_msd(
     out: Annotated[Path, typer.Argument(help="Output folder for manifest.csv.")],
     val_fraction: Annotated[float, typer.Option(help="Share of cases in the validation split.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the deterministic split.")] = 0,
+    mask_kind: Annotated[
+        str, typer.Option(help="What the labels are: lesion (abnormalities) or anatomy (normal structures).")
+    ] = "lesion",
 ) -> None:
     """Write a manifest for an MSD task with a deterministic train/val split (files are not copied)."""
     from medhybrid.data.importers import import_msd
 
-    manifest = import_msd(dataset_dir, out, val_fraction=val_fraction, seed=seed)
+    manifest = import_msd(dataset_dir, out, val_fraction=val_fraction, seed=seed, mask_kind=mask_kind)
     stdout.print(f"manifest: {manifest}")
 
 
@@ -372,6 +375,15 @@ def train_cmd(
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<pipeline name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt.")] = False,
+    folds: Annotated[
+        int | None,
+        typer.Option(
+            "--folds",
+            min=3,
+            help="K-fold cross-validation: K fold models (each selects on its own inner fold), a pooled "
+            "out-of-fold report with CIs in RUN/cv, and RUN as an ensemble for infer.",
+        ),
+    ] = None,
 ) -> None:
     """Train a model from a pipeline: validation every epoch, best.pt/last.pt, metrics, curves (torchrun-ready)."""
     from medhybrid.config import load_pipeline
@@ -392,14 +404,54 @@ def train_cmd(
             markup=False,
         )
 
+    if folds is not None:
+        from medhybrid.train.folds import train_folds
+
+        cv = train_folds(
+            cfg,
+            run_dir,
+            folds,
+            resume=resume,
+            on_epoch=show,
+            on_event=lambda msg: stderr.print(msg, highlight=False, markup=False),
+        )
+        if main_rank:
+            for line in cv_lines(cv.metrics):
+                stdout.print(line, highlight=False, soft_wrap=True)
+            stdout.print(f"out-of-fold report: {(run_dir / 'cv' / 'report.html').resolve()}", highlight=False)
+            stdout.print(
+                f"the {folds} fold models as one ensemble: medhybrid infer INPUT --model {run_dir}", highlight=False
+            )
+        return
     result = train(cfg, run_dir, resume=resume, on_epoch=show)
     if main_rank:
         best = f"{result.best_value:.4f}" if result.best_value is not None else "n/a"
         stdout.print(
             f"{result.status}: {len(result.history)} epochs; best {cfg.eval.select} {best} "
-            f"at epoch {result.best_epoch}; run folder {run_dir}",
+            f"at epoch {result.best_epoch} (on the selection split {cfg.data.val_split!r}: optimistic; "
+            f"use --folds or evaluate on a held-out split); run folder {run_dir}",
             highlight=False,
         )
+
+
+def cv_lines(m: dict[str, Any]) -> list[str]:
+    """The pooled out-of-fold figures of a cross-validation run, one line each."""
+    lines = [f"{m['folds']} folds, {m['n_studies']} out-of-fold studies ({m['n_failed']} failed)"]
+    c = m.get("classification")
+    if c:
+        a, op = c["auroc"], c["at_operating_point"]
+        per_fold = ", ".join("n/a" if v is None else f"{v:.3f}" for v in c["auroc_per_fold"])
+        lines.append(
+            f"out-of-fold AUROC {a['value']:.4f} (95 % CI {a['ci_low']:.4f}-{a['ci_high']:.4f}); per fold {per_fold}; "
+            f"at each fold's threshold: sensitivity {op['sensitivity']:.3f}, specificity {op['specificity']:.3f}"
+        )
+    s = m.get("segmentation")
+    if s:
+        d, h = s["mean"]["dice"], s["mean"]["hd95"]
+        lines.append(
+            f"out-of-fold Dice {d['value']:.4f} ({d['ci_low']:.4f}-{d['ci_high']:.4f}), HD95 {h['value']:.2f} mm"
+        )
+    return lines
 
 
 @app.command("infer")
@@ -456,7 +508,9 @@ def infer_cmd(
         if row["status"] == "failed":
             text = f"{row['study_key']}: FAILED ({row['error']}) {row['reason']}"
         else:
-            text = f"{row['study_key']}: p={float(row['probability']):.3f} {row['decision']}"
+            score = row.get("probability")
+            verdict = f"p={float(score):.3f} {row['decision']}" if score not in ("", None) else "no verdict (anatomy)"
+            text = f"{row['study_key']}: {verdict}"
             text += " (already done)" if row["status"] == "skipped" else ""
         stderr.print(text, highlight=False, markup=False, soft_wrap=True)
 
@@ -492,7 +546,11 @@ def evaluate_cmd(
     no_saliency: Annotated[bool, typer.Option("--no-saliency", help="Skip saliency maps and faithfulness.")] = False,
     max_faithfulness: Annotated[int, typer.Option(help="Most studies given a deletion curve.")] = 200,
     no_store_calibration: Annotated[
-        bool, typer.Option("--no-store-calibration", help="Do not write the fitted temperature into the checkpoint.")
+        bool,
+        typer.Option(
+            "--no-store-calibration",
+            help="Do not store the fitted temperature and threshold (sidecar beside the checkpoint).",
+        ),
     ] = False,
     nsd_tolerance: Annotated[float, typer.Option(help="NSD tolerance in mm.")] = 1.0,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N studies of each split.")] = None,
@@ -524,12 +582,15 @@ def evaluate_cmd(
     c = m.get("classification")
     if c:
         a, op = c["auroc"], c["at_operating_point"]
-        lines.append(
+        text = (
             f"AUROC {a['value']:.4f} (95 % CI {a['ci_low']:.4f}-{a['ci_high']:.4f}); at threshold "
             f"{op['threshold']:.3f}: sensitivity {op['sensitivity']:.3f}, specificity {op['specificity']:.3f}, "
-            f"F1 {op['f1']:.3f}; ECE {c['calibration']['before']['ece']:.4f} -> {c['calibration']['after']['ece']:.4f} "
-            f"(T = {c['temperature']:.3f})"
+            f"F1 {op['f1']:.3f}"
         )
+        if c.get("calibration"):
+            before, after = c["calibration"]["before"]["ece"], c["calibration"]["after"]["ece"]
+            text += f"; ECE {before:.4f} -> {after:.4f} (T = {c['temperature']:.3f})"
+        lines.append(text)
     s = m.get("segmentation")
     if s:
         d, h, n = (s["mean"][k] for k in ("dice", "hd95", "nsd"))
@@ -542,6 +603,10 @@ def evaluate_cmd(
             lines.append(f"faithfulness {method}: {f['faithfulness']['value']:+.4f} (deletion AUC vs random)")
     if m.get("calibration_stored_in"):
         lines.append(f"temperature and operating point stored in {m['calibration_stored_in']}")
+    if m.get("calibration_not_stored"):
+        lines.append(f"note: {m['calibration_not_stored']}")
+    if (m.get("splits") or {}).get("warning"):
+        lines.append(f"warning: {m['splits']['warning']}")
     lines.append(f"report: {(Path(out) / 'report.html').resolve()}")
     for line in lines:
         stdout.print(line, highlight=False, soft_wrap=True)
@@ -565,7 +630,17 @@ def compare_cmd(
             "--model-args", help="NAME={yaml mapping}: constructor arguments of a model or label (repeatable)."
         ),
     ] = None,
-    split: Annotated[str, typer.Option(help="Split the models are evaluated on.")] = "val",
+    split: Annotated[
+        str | None,
+        typer.Option(
+            help="Split the models are reported on (default: test if the manifest has one, else val held out: "
+            "the runs then select on a fifth of train). Never the split the runs select on."
+        ),
+    ] = None,
+    folds: Annotated[
+        int | None,
+        typer.Option("--folds", min=3, help="Report pooled out-of-fold predictions of K-fold cross-validation runs."),
+    ] = None,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Pipeline override for every run.")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap replicates.")] = 2000,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -581,6 +656,7 @@ def compare_cmd(
         epochs=epochs,
         model_args=parse_model_args(model_args or []),
         split=split,
+        folds=folds,
         overrides=list(overrides or []),
         n_boot=bootstrap,
         device=device,

@@ -124,7 +124,8 @@ def test_tiny_run_writes_every_artifact(cohort2d: Path, tmp_path: Path) -> None:
         "history",
     ):
         assert key in last, key
-    assert last["label_names"] == {0: "normal", 1: "abnormal"} or set(last["label_names"]) == {0, 1}
+    assert last["label_names"] == {0: "normal", 1: "abnormal"}  # the synthetic cohort's sidecar names
+    assert last["mask_label_names"] == {0: "background", 1: "lesion"} and last["mask_kinds"] == {1: "lesion"}
     assert last["seed"] == 7 and len(last["manifest_sha256"]) == 64 and last["versions"]["torch"]
     # The resolved config round-trips, and the stored preprocessing rebuilds the inference transforms.
     assert load_pipeline(run / "config.yaml").to_dict() == cfg.to_dict()
@@ -230,9 +231,8 @@ def test_torchrun_two_cpu_ranks_match_one(cohort2d: Path, tmp_path: Path) -> Non
     # (like batch norm) is computed per rank and would not. SGD, not AdamW: Adam divides by the gradient's
     # running RMS, so a weight whose gradient is ~0 moves by ~lr in the direction of float rounding noise,
     # and the two runs' weights then differ by 1e-2 although their gradients agree to 1e-6.
-    pipe = tiny_pipeline(
-        tmp_path, cohort2d, **{"train.loss": {"segmentation": "ce"}, "train.optimizer": {"name": "sgd", "momentum": 0.9}}
-    )
+    changes = {"train.loss": {"segmentation": "ce"}, "train.optimizer": {"name": "sgd", "momentum": 0.9}}
+    pipe = tiny_pipeline(tmp_path, cohort2d, **changes)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = run_cli(["train", str(pipe), "--out", str(tmp_path / "one")], env=env, timeout=600)
     assert one.returncode == 0, one.stderr
@@ -351,6 +351,59 @@ def test_early_stopping_ends_the_run(cohort2d: Path, tmp_path: Path) -> None:
     assert result.status == "early_stopped"
     assert len(result.history) < 30
     assert result.history[-1]["epoch"] - result.best_epoch == 2
+
+
+def test_a_kill_between_the_last_and_best_writes_is_repaired_on_resume(
+    cohort2d: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each epoch writes last.pt, then best.pt. Killed in between, last.pt says "the best epoch is me" while
+    best.pt still holds an older epoch; resuming must restore best.pt from last.pt."""
+    import medhybrid.train.loop as loop
+
+    pipe = tiny_pipeline(
+        tmp_path, cohort2d, **{"train.stages": [{"epochs": 2, "lr": 1e-3}], "eval.select": "loss"}
+    )  # training loss falls: epoch 2 improves on epoch 1
+
+    class Killed(BaseException):  # like SIGKILL: nothing in the trainer may catch it
+        pass
+
+    real, killed = loop.save_checkpoint, []
+
+    def save(path: Path, payload: dict[str, Any]) -> Path:
+        if Path(path).name == "best.pt" and payload["epoch"] == 2:
+            killed.append(payload["epoch"])
+            raise Killed("killed between last.pt and best.pt")
+        return real(path, payload)
+
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    with pytest.raises(Killed):
+        train(load_pipeline(pipe), tmp_path / "run")
+    assert killed == [2], "epoch 2 did not improve: the kill was never simulated"
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["best"]["epoch"] == 2 and load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 1
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    result = train(load_pipeline(pipe), tmp_path / "run", resume=True)
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert result.best_epoch == 2 and best["epoch"] == 2
+    assert all(torch.equal(best["model"][k], v) for k, v in last["model"].items())
+
+
+def test_validation_dice_counts_a_class_painted_into_a_study_without_it() -> None:
+    """Training selects its epoch on the same empty-mask rule as evaluate: a false positive in a normal study
+    scores 0 (MONAI's ignore_empty would leave the study out and reward painting everything)."""
+    from medhybrid.evaluate.segmentation import dice_with_empty_rule
+    from medhybrid.train.evaluate import compute_metrics
+
+    everywhere = torch.ones(1, 1, 8, 8, dtype=torch.long)
+    lesion = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    lesion[..., :4, :] = 1
+    normal = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    assert dice_with_empty_rule(everywhere, lesion, 2) == [pytest.approx(2 * 32 / (64 + 32))]
+    assert dice_with_empty_rule(everywhere, normal, 2) == [0.0]
+    both_empty = dice_with_empty_rule(normal, normal, 2)
+    assert len(both_empty) == 1 and np.isnan(both_empty[0])
+    records = [{"dice": dice_with_empty_rule(everywhere, m, 2), "loss": 0.0} for m in (lesion, normal)]
+    assert compute_metrics(records, ["dice", "loss"], 0, 2)["dice"] == pytest.approx(2 * 32 / 96 / 2)
 
 
 def test_class_weights() -> None:

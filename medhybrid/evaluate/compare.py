@@ -4,15 +4,27 @@ For every model and seed, the pipeline is loaded with ``model.name`` (and its ``
 the seed set, and one common schedule: ``--epochs`` (default: the pipeline's total) in a single stage at
 the pipeline's last-stage learning rate with one warm-up epoch. A staged schedule that freezes modules
 by name cannot apply to models without those modules, so no model gets its own schedule; the pipeline's
-batch, optimiser, loss, augmentation, early stopping and data are shared. Each run is then evaluated
-with :func:`medhybrid.evaluate.runner.evaluate` on ``--split`` (saliency off).
+batch, optimiser, loss, augmentation, early stopping and data are shared.
+
+Every model is reported on studies that no model was trained or selected on:
+
+- ``--folds K``: each run is a K-fold cross-validation (:mod:`medhybrid.train.folds`) and the table pools
+  its out-of-fold predictions;
+- otherwise the manifest's ``test`` split when it has one (the runs select on ``val``);
+- otherwise a **held-out** protocol: the pipeline's ``val`` split becomes the reported split, and the
+  runs select their epoch (and fit their temperature and threshold) on an inner validation split carved
+  out of ``train`` (one fifth, stratified and grouped by patient like the folds; ``OUT/holdout/manifest.csv``).
+
+The selection split is never the reported one: ``--split val`` (the pipeline's selection split) is refused.
+Each run is evaluated with :func:`medhybrid.evaluate.runner.evaluate` (saliency off).
 
 The table has, per model: the task metric (AUROC or mean Dice, and accuracy/F1 at the operating point or
 HD95/NSD) as the mean over seeds with the study-bootstrap 95 % CI averaged over seeds and the spread over
 seeds; parameters; GFLOPs and eager forward latency for one input of the training size (batch 1, median
 of ``LATENCY_REPEATS``); training time; end-to-end seconds per study in evaluation (times: the median
 over seeds). The difference to
-the first model comes with a paired bootstrap CI over the same studies.
+the first model comes with a paired bootstrap CI over the same studies (patients, where the manifest
+names them), on the raw scores for AUROC.
 
 Finished runs of an unchanged configuration are reused, so an interrupted comparison picks up where it
 stopped.
@@ -29,7 +41,8 @@ import math
 import shutil
 import statistics
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,13 +55,14 @@ from medhybrid.config import PipelineConfig, load_pipeline
 from medhybrid.errors import ConfigError
 from medhybrid.evaluate import bootstrap as B
 from medhybrid.evaluate.runner import PREDICTIONS_FILE, EvaluateOptions, evaluate
+from medhybrid.io.manifest import Manifest, ManifestRow, read_manifest, write_manifest
 from medhybrid.io.writers import atomic_write_bytes
 from medhybrid.models.profile import forward_gflops
 from medhybrid.train import train
 from medhybrid.train.checkpoint import load_checkpoint
 from medhybrid.train.data import load_task_data
 from medhybrid.train.loop import build_model, model_args
-from medhybrid.train.records import BEST_FILE, finished_run, read_metrics, write_json
+from medhybrid.train.records import BEST_FILE, CV_DIR, FOLDS_FILE, finished_run, read_metrics, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +75,8 @@ class CompareOptions:
     seeds: int = 1
     epochs: int | None = None
     model_args: dict[str, dict[str, Any]] = field(default_factory=dict)
-    split: str = "val"
+    split: str | None = None  # None: test if the manifest has one, else the held-out protocol
+    folds: int | None = None
     overrides: list[str] = field(default_factory=list)
     n_boot: int = B.DEFAULT_BOOTSTRAP
     device: str = "auto"
@@ -93,9 +108,84 @@ def model_spec(entry: str) -> tuple[str, str]:
     return (label.strip(), name.strip()) if sep else (entry.strip(), entry.strip())
 
 
-def run_config(pipeline: Path, model: str, seed_index: int, options: CompareOptions) -> PipelineConfig:
+@dataclass
+class Protocol:
+    """Where a comparison reports (module docstring): the studies no model trained or selected on.
+
+    Attributes:
+        name: ``out-of-fold``, ``test`` (a split of the manifest) or ``held-out``.
+        split: the reported split (``test`` of the held-out manifest for ``held-out``).
+        calibration_split: the split temperature and threshold are fitted on (the selection split).
+        overrides: pipeline overrides every run gets (the held-out manifest and its splits).
+        manifest: the manifest the runs use.
+    """
+
+    name: str
+    split: str
+    calibration_split: str
+    overrides: list[str]
+    manifest: Path
+
+
+def choose_protocol(pipeline: Path, options: CompareOptions, out: Path) -> Protocol:
+    """The reporting protocol (module docstring); writes the held-out manifest when it is needed.
+
+    Raises:
+        ConfigError: ``--split`` names the training or the selection split, or a split the manifest lacks.
+    """
+    base = load_pipeline(pipeline, options.overrides)
+    data = base.data
+    manifest = read_manifest(data.manifest)
+    if options.folds is not None:
+        return Protocol("out-of-fold", "out-of-fold", "inner validation folds", [], data.manifest)
+    if options.split in (data.train_split, data.val_split):
+        raise ConfigError(
+            f"--split {options.split}: the runs train or select their epoch on it, so its figures would be optimistic",
+            fix="leave --split out (test split, or the held-out protocol), or use --folds K",
+        )
+    if options.split is not None:
+        if not manifest.split(options.split):
+            raise ConfigError(f"--split {options.split}: the manifest has no such split ({manifest.splits()})")
+        return Protocol("test", options.split, data.val_split, [], data.manifest)
+    if manifest.split("test"):
+        return Protocol("test", "test", data.val_split, [], data.manifest)
+    path = holdout_manifest(manifest, data.train_split, data.val_split, base.runtime.seed, out / "holdout")
+    overrides = [f"data.manifest={path.resolve()}", "data.train_split=train", "data.val_split=val"]
+    return Protocol("held-out", "test", "val", overrides, path)
+
+
+def holdout_manifest(manifest: Manifest, train_split: str, val_split: str, seed: int, folder: Path) -> Path:
+    """``folder/manifest.csv``: the ``val_split`` studies become ``test`` (reported), one fifth of the
+    ``train_split`` studies (stratified, grouped by patient) becomes the inner ``val`` (selection), the
+    rest stays ``train``."""
+    from medhybrid.train.folds import assign_folds
+
+    train_rows = manifest.split(train_split)
+    fold = assign_folds(train_rows, 5, seed)
+    rows = [
+        ManifestRow(
+            r.study_id,
+            r.image,
+            r.label,
+            r.mask,
+            "val" if fold[r.study_id] == 0 else "train",
+            dict(r.extra),
+            patient_id=r.patient_id,
+        )
+        for r in train_rows
+    ]
+    rows += [
+        ManifestRow(r.study_id, r.image, r.label, r.mask, "test", dict(r.extra), patient_id=r.patient_id)
+        for r in manifest.split(val_split)
+    ]
+    return write_manifest(folder / "manifest.csv", rows, sidecar=dict(manifest.sidecar))
+
+
+def run_config(
+    pipeline: Path, model: str, seed_index: int, options: CompareOptions, extra: Sequence[str] = ()
+) -> PipelineConfig:
     """The pipeline for one (model, seed): same data and budget, this model, this seed (``model`` is a
-    ``--models`` entry; its ``--model-args`` are looked up by label)."""
+    ``--models`` entry; its ``--model-args`` are looked up by label); ``extra``: the protocol's overrides."""
     base = load_pipeline(pipeline, options.overrides)
     label, name = model_spec(model)
     epochs = options.epochs or sum(s.epochs for s in base.train.stages)
@@ -109,6 +199,7 @@ def run_config(pipeline: Path, model: str, seed_index: int, options: CompareOpti
         pipeline,
         [
             *options.overrides,
+            *extra,
             f"model.name={name}",
             f"model.args={json.dumps(args)}",
             f"train.stages=[{json.dumps(stage)}]",
@@ -117,9 +208,9 @@ def run_config(pipeline: Path, model: str, seed_index: int, options: CompareOpti
     )
 
 
-def profile_run(run_dir: Path, cfg: PipelineConfig) -> dict[str, Any]:
+def profile_run(checkpoint: Path, cfg: PipelineConfig) -> dict[str, Any]:
     """Parameters, GFLOPs and eager batch-1 latency of the trained model at its training input size."""
-    ckpt = load_checkpoint(run_dir / BEST_FILE)
+    ckpt = load_checkpoint(checkpoint)
     model = build_model(ckpt["model_name"], ckpt["model_args"]).eval()
     size = cfg.data.patch_size if cfg.data.task == "segmentation" and cfg.data.patch_size else cfg.data.spatial_size
     x = torch.zeros(1, model.in_channels, *size)
@@ -154,7 +245,8 @@ def compare(
     """Train and evaluate every model for every seed into ``out``; write the table and the plot.
 
     Raises:
-        ConfigError: a model that does not fit the pipeline (checked for all before anything trains).
+        ConfigError: a model that does not fit the pipeline (checked for all before anything trains), or a
+            ``--split`` that some run selects on.
     """
     say = on_event or (lambda msg: logger.info("%s", msg))
     out = Path(out)
@@ -163,54 +255,26 @@ def compare(
     labels = [model_spec(m)[0] for m in options.models]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"--models has a label twice: {labels}", fix="name repeats LABEL=NAME")
+    protocol = choose_protocol(pipeline, options, out)
     configs = {
-        (model_spec(m)[0], s): run_config(pipeline, m, s, options)
+        (model_spec(m)[0], s): run_config(pipeline, m, s, options, protocol.overrides)
         for m in options.models
         for s in range(max(options.seeds, 1))
     }
     task_data = load_task_data(next(iter(configs.values())))
     for cfg in configs.values():  # fail early: every model must fit the data before hours of training
         build_model(cfg.model.name, model_args(cfg, task_data))
-    runs: list[dict[str, Any]] = []
-    for (model, seed_index), cfg in configs.items():
-        tag = f"{model}_seed{seed_index}"
-        run_dir, eval_dir = out / "runs" / tag, out / "eval" / tag
-        if finished_run(run_dir, cfg.digest()):
-            say(f"{tag}: reusing the finished run")
-        else:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            say(f"{tag}: training ({cfg.train.stages[0].epochs} epochs, seed {cfg.runtime.seed})")
-            train(cfg, run_dir, on_epoch=functools.partial(_say_epoch, say, tag))
-        history = read_metrics(run_dir)
-        say(f"{tag}: evaluating on {options.split}")
-        ev = evaluate(
-            run_dir,
-            cfg.data.manifest,
-            eval_dir,
-            EvaluateOptions(split=options.split, saliency=False, n_boot=options.n_boot, device=options.device),
-        )
-        runs.append(
-            {
-                "model": model,
-                "registry_name": cfg.model.name,
-                "seed": cfg.runtime.seed,
-                "run_dir": str(run_dir),
-                "eval_dir": str(eval_dir),
-                "epochs": len([h for h in history if "epoch" in h]),
-                "train_seconds": history[-1].get("elapsed_seconds") if history else None,
-                "seconds_per_study": ev.metrics.get("seconds_per_study"),
-                "metrics": {k: ev.metrics[k] for k in ("classification", "segmentation") if k in ev.metrics},
-                **profile_run(run_dir, cfg),
-            }
-        )
+    say(f"reporting on {protocol.split} ({protocol.name}); epochs selected on {protocol.calibration_split}")
+    runs = [_run(model, seed_index, cfg, protocol, options, out, say) for (model, seed_index), cfg in configs.items()]
     first_cfg = next(iter(configs.values()))
-    result = summarise(runs, options, first_cfg)
+    result = summarise(runs, options, first_cfg, protocol)
     result["pipeline"] = str(pipeline)
     result["command_options"] = {
         "models": options.models,
         "seeds": options.seeds,
         "epochs": first_cfg.train.stages[0].epochs,
         "split": options.split,
+        "folds": options.folds,
         "model_args": options.model_args,
         "overrides": options.overrides,
     }
@@ -219,6 +283,62 @@ def compare(
     atomic_write_bytes(out / "compare.csv", csv_table(result).encode())
     atomic_write_bytes(out / "compare.png", plot(result))
     return result
+
+
+def _run(
+    model: str,
+    seed_index: int,
+    cfg: PipelineConfig,
+    protocol: Protocol,
+    options: CompareOptions,
+    out: Path,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Train (or reuse) and evaluate one (model, seed) under the protocol."""
+    tag = f"{model}_seed{seed_index}"
+    run_dir = out / "runs" / tag
+    on_epoch = functools.partial(_say_epoch, say, tag)
+    if options.folds is not None:
+        from medhybrid.train.folds import train_folds
+
+        epochs = cfg.train.stages[0].epochs
+        say(f"{tag}: {options.folds}-fold cross-validation ({epochs} epochs, seed {cfg.runtime.seed})")
+        folds_done = (run_dir / FOLDS_FILE).is_file()
+        cv = train_folds(cfg, run_dir, options.folds, resume=folds_done, on_epoch=on_epoch, n_boot=options.n_boot)
+        metrics, eval_dir = cv.metrics, run_dir / CV_DIR
+        histories = [read_metrics(d) for d in cv.fold_dirs]
+        checkpoint = cv.fold_dirs[0] / BEST_FILE
+    else:
+        eval_dir = out / "eval" / tag
+        if finished_run(run_dir, cfg.digest()):
+            say(f"{tag}: reusing the finished run")
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            say(f"{tag}: training ({cfg.train.stages[0].epochs} epochs, seed {cfg.runtime.seed})")
+            train(cfg, run_dir, on_epoch=on_epoch)
+        say(f"{tag}: evaluating on {protocol.split}")
+        options_eval = EvaluateOptions(
+            split=protocol.split,
+            calibration_split=protocol.calibration_split,
+            saliency=False,
+            n_boot=options.n_boot,
+            device=options.device,
+        )
+        metrics = evaluate(run_dir, cfg.data.manifest, eval_dir, options_eval).metrics
+        histories = [read_metrics(run_dir)]
+        checkpoint = run_dir / BEST_FILE
+    return {
+        "model": model,
+        "registry_name": cfg.model.name,
+        "seed": cfg.runtime.seed,
+        "run_dir": str(run_dir),
+        "eval_dir": str(eval_dir),
+        "epochs": float(np.mean([len([h for h in hist if "epoch" in h]) for hist in histories])),
+        "train_seconds": sum(hist[-1].get("elapsed_seconds") or 0.0 for hist in histories if hist) or None,
+        "seconds_per_study": metrics.get("seconds_per_study"),
+        "metrics": {k: metrics[k] for k in ("classification", "segmentation") if k in metrics},
+        **profile_run(checkpoint, cfg),
+    }
 
 
 def _say_epoch(say: Callable[[str], None], tag: str, r: dict[str, Any]) -> None:
@@ -239,7 +359,9 @@ def _avg_ci(entries: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def summarise(runs: list[dict[str, Any]], options: CompareOptions, cfg: PipelineConfig) -> dict[str, Any]:
+def summarise(
+    runs: list[dict[str, Any]], options: CompareOptions, cfg: PipelineConfig, protocol: Protocol
+) -> dict[str, Any]:
     """Per-model rows (means over seeds) and paired differences to the first model."""
     task = "classification" if cfg.data.task == "classification" else "segmentation"
     rows = []
@@ -264,22 +386,39 @@ def summarise(runs: list[dict[str, Any]], options: CompareOptions, cfg: Pipeline
             vals = [r[k] for r in rs if r.get(k) is not None]
             row[k] = float(np.median(vals)) if vals else None
         rows.append(row)
-    deltas = _paired_deltas(by_model, task, options)
+    deltas = _paired_deltas(by_model, task, options, _groups(protocol.manifest))
     for row in rows:
         row["delta_vs_first"] = deltas.get(row["model"])
     reference = model_spec(options.models[0])[0]
-    return {"task": task, "split": options.split, "reference": reference, "rows": rows, "runs": runs}
+    return {
+        "task": task,
+        "split": protocol.split,
+        "protocol": protocol.name,
+        "selection_split": protocol.calibration_split,
+        "reference": reference,
+        "rows": rows,
+        "runs": runs,
+    }
 
 
-def _paired_deltas(by_model: dict[str, list[dict[str, Any]]], task: str, options: CompareOptions) -> dict[str, Any]:
-    """Each model against the first on the studies that every run scored."""
+def _groups(manifest: Path) -> dict[str, str] | None:
+    """study_id -> sampling unit when the manifest names patients (paired CIs then resample patients)."""
+    mf = read_manifest(manifest)
+    return {r.study_id: r.group for r in mf.rows} if mf.has_patients else None
+
+
+def _paired_deltas(
+    by_model: dict[str, list[dict[str, Any]]], task: str, options: CompareOptions, groups: dict[str, str] | None
+) -> dict[str, Any]:
+    """Each model against the first on the studies that every run scored; AUROC on the raw scores."""
     preds = {m: [_predictions(Path(r["eval_dir"])) for r in rs] for m, rs in by_model.items()}
     common = set.intersection(*(set(p) for ps in preds.values() for p in ps))
     ids = sorted(common)
     if not ids:
         return {}
     ref = model_spec(options.models[0])[0]
-    column = "probability" if task == "classification" else None
+    # rank metrics on the raw scores: calibrated ones carry a per-half (cross-fit) or per-fold temperature
+    column = "probability_raw" if task == "classification" else None
 
     def matrix(model: str) -> np.ndarray:
         if column:
@@ -287,12 +426,14 @@ def _paired_deltas(by_model: dict[str, list[dict[str, Any]]], task: str, options
         rows = []
         for p in preds[model]:
             dice_cols = [c for c in next(iter(p.values())) if c.startswith("dice_")]
-            with np.errstate(invalid="ignore"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a study empty on both sides: NaN, left out
                 rows.append([np.nanmean([_num(p[i][c]) for c in dice_cols]) for i in ids])
         return np.asarray(rows)
 
     out: dict[str, Any] = {}
     ref_m = matrix(ref)
+    units = None if groups is None else np.asarray([groups.get(i, i) for i in ids])
     labels = np.asarray([int(preds[ref][0][i]["label"]) != 0 for i in ids]) if column else None
     for model in by_model:
         if model == ref:
@@ -300,10 +441,11 @@ def _paired_deltas(by_model: dict[str, list[dict[str, Any]]], task: str, options
         if labels is not None:
             out[model] = {
                 "metric": "auroc",
-                **B.paired_auroc_delta(labels, matrix(model), ref_m, n_boot=options.n_boot),
+                **B.paired_auroc_delta(labels, matrix(model), ref_m, groups=units, n_boot=options.n_boot),
             }
         else:
-            out[model] = {"metric": "dice", **B.paired_mean_delta(matrix(model), ref_m, n_boot=options.n_boot)}
+            delta = B.paired_mean_delta(matrix(model), ref_m, groups=units, n_boot=options.n_boot)
+            out[model] = {"metric": "dice", **delta}
         out[model]["n_studies"] = len(ids)
     return out
 

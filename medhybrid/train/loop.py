@@ -27,6 +27,7 @@ from torch import nn
 
 from medhybrid.config import PipelineConfig
 from medhybrid.errors import ConfigError, ModelError, TrainingError
+from medhybrid.evaluate.study_score import lesion_labels
 from medhybrid.models import create_model, get_entry
 from medhybrid.models.base import MedModel
 from medhybrid.runtime import autocast, configure_threads, seed_everything
@@ -175,7 +176,17 @@ class Trainer:
         if cfg.train.class_balance == "weighted_loss" and cfg.data.task != "segmentation":
             weights = class_weights([r.label for r in task.train_rows if r.label is not None], task.num_classes)
         loss_fn = TaskLoss(cfg.train.loss, cfg.data.task, weights).to(self.device)
-        validator = Validator(cfg, val_items, val_tf, loss_fn, info, self.device, task.num_classes, task.seg_classes)
+        validator = Validator(
+            cfg,
+            val_items,
+            val_tf,
+            loss_fn,
+            info,
+            self.device,
+            task.num_classes,
+            task.seg_classes,
+            lesions=lesion_labels(task.mask_kinds),
+        )
         self.manifest_sha = sha256_file(cfg.data.manifest)
 
         history: list[dict[str, Any]] = []
@@ -183,6 +194,8 @@ class Trainer:
         best_epoch: int | None = None
         first_stage, first_stage_epoch, bad_epochs = 0, 0, 0
         if start is not None:
+            if info.is_main:
+                self._repair_best(start)
             model.load_state_dict(start["model"])
             set_rng_state(start["rng"])  # for completeness: every epoch re-derives its generators anyway
             history = list(start["history"])
@@ -294,6 +307,29 @@ class Trainer:
         self._write_run_manifest(history, best_epoch, best_value, status=status)
         return RunResult(self.run_dir, history, best_epoch, best_value, status)
 
+    def _repair_best(self, last: dict[str, Any]) -> None:
+        """Make ``best.pt`` the recorded best epoch again after a kill.
+
+        Each epoch writes ``last.pt`` first, then (if it improved) ``best.pt``. A kill between the two
+        leaves a ``last.pt`` that records itself as the best epoch beside a ``best.pt`` of an older one;
+        resuming would then never write that epoch's ``best.pt``. Since ``last.pt`` *is* that epoch's
+        payload, it is copied over."""
+        best_epoch = (last.get("best") or {}).get("epoch")
+        if best_epoch is None:
+            return
+        current = load_checkpoint(self.best_path).get("epoch") if self.best_path.is_file() else None
+        if current == best_epoch:
+            return
+        if last.get("epoch") == best_epoch:
+            logger.warning("best.pt held epoch %s, the best epoch is %s: restored from last.pt", current, best_epoch)
+            save_checkpoint(self.best_path, {k: v for k, v in last.items() if k not in ("format", "format_version")})
+        else:
+            logger.warning(
+                "best.pt holds epoch %s but the best epoch was %s, whose weights are no longer on disk",
+                current,
+                best_epoch,
+            )
+
     # --- one epoch ------------------------------------------------------------------------------
 
     def _train_epoch(
@@ -359,6 +395,7 @@ class Trainer:
             "task": cfg.data.task,
             "label_names": {int(k): v for k, v in self.task.label_names.items()},
             "mask_label_names": {int(k): v for k, v in self.task.mask_label_names.items()},
+            "mask_kinds": {int(k): v for k, v in self.task.mask_kinds.items()},
             "versions": package_versions(),
             "manifest_sha256": self.manifest_sha,
             "seed": cfg.runtime.seed,

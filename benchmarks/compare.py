@@ -12,6 +12,10 @@
    (Transformer encoder); BasicUNet (a CNN U-Net). SwinUNETR is left out: even at feature size 12 it did
    not finish one epoch in 15 minutes on 2 cores (add ``swinunetr_3d`` to ``--models`` on a GPU).
 
+Neither manifest has a test split, so ``compare`` reports on the held-out protocol: the ``val`` split is
+reported and no run sees it; each run selects its epoch (and fits its temperature and threshold) on an
+inner validation fifth of ``train`` (``OUT/holdout/manifest.csv``).
+
 Each comparison is the command printed before it runs (copy it to reproduce one part); finished runs
 are reused. The last line is one JSON object with each table's rows.
 

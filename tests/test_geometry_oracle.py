@@ -178,12 +178,12 @@ def study_2d(tmp: Path, source: str) -> tuple[Study, Study]:
         Image.fromarray(MASK_2D.T).save(tmp / "mask.png")
         return load_study(tmp / "image.png"), read_image(tmp / "mask.png", dtype=np.int16)
     study = load_study(_dicom_2d(tmp / "dicom", source))
-    # a PNG mask drawn on the radiograph's pixels (it has no geometry of its own)
+    # a PNG mask drawn on the radiograph's pixels: it has no geometry of its own (1 mm, the geometry-less
+    # affine), and preprocessing must place it on the image's 0.5 mm pixels
     from PIL import Image
 
     Image.fromarray(MASK_2D.T).save(tmp / "mask.png")
-    mask = read_image(tmp / "mask.png", dtype=np.int16)
-    return study, Study("m", mask.array, study.affine, "OT", mask.source, "png")
+    return study, read_image(tmp / "mask.png", dtype=np.int16)
 
 
 @pytest.mark.parametrize("source", ["png", "none", "axial", "coronal"])
@@ -196,6 +196,17 @@ def test_2d_round_trip_and_the_same_pixels_reach_the_model(source: str, tmp_path
     expected = np.zeros((48, 32), dtype=np.float32)
     expected[4:44, 1:31] = IMAGE_2D / 200.0  # minmax to [0, 1], centred in the 48 x 32 crop/pad
     assert torch.allclose(x[0], torch.as_tensor(expected), atol=1e-5), source
+
+
+@pytest.mark.parametrize("source", ["axial", "coronal"])
+def test_a_png_mask_of_a_radiograph_lies_on_its_pixels_when_resampled(source: str, tmp_path: Path) -> None:
+    """The radiograph has 0.5 mm pixels, its PNG mask none (1 mm by default): resampled to 1 mm, the mask
+    must follow the image's pixels, not its own default geometry (which would make it twice as large)."""
+    data = {"spatial_dims": 2, "spacing": [1.0, 1.0], "spatial_size": [24, 24], "intensity": "minmax"}
+    ckpt = checkpoint(tmp_path, data)
+    study, mask = study_2d(tmp_path, source)
+    value, _ = oracle_round_trip(ckpt, study, mask)
+    assert value > 0.85, value  # 2x down- and upsampling of a 10 x 8 object; misplaced it would be ~0.3
 
 
 def test_display_frame_flips_a_stored_flipped_slice_and_transposes_a_transposed_one() -> None:

@@ -328,6 +328,7 @@ def synthesize_cohort(
     sidecar = {
         "label_names": LABEL_NAMES,
         "mask_label_names": MASK_LABEL_NAMES,
+        "mask_kind": "lesion",
         "task": "multitask",
         "source": "medhybrid synth",
         "seed": int(seed),

@@ -56,6 +56,14 @@ def frame_affine(affine: np.ndarray, spatial_dims: int) -> np.ndarray:
     return display_affine(affine) if spatial_dims == 2 else np.asarray(affine, dtype=np.float64)
 
 
+def png_mask_on_image(mask: Study, image: Study) -> Study:
+    """A PNG mask of a 2D image of its size, placed on the image's pixels: a PNG has no geometry of its
+    own (a mask drawn on a DICOM radiograph's pixels). Any other mask keeps its geometry."""
+    if mask.source_format != "png" or mask.spatial_shape != image.spatial_shape:
+        return mask
+    return Study(mask.key, mask.array, image.affine, mask.modality, mask.source, "png")
+
+
 class LoadStudyd(MapTransform):
     """Read ``image`` (any source :func:`load_study` takes: file, DICOM file or folder, or a loaded
     :class:`Study`) and ``mask`` into channel-first ``MetaTensor`` s carrying the affine of
@@ -71,12 +79,17 @@ class LoadStudyd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        image: Study | None = None
         for key in self.key_iterator(d):
             path = d[key]
             if isinstance(path, Study):  # already loaded (inference selects and reads series itself)
                 study, path = path, path.source
             else:
                 study = read_image(path, dtype=np.int16) if key == MASK else load_study(path)
+            if key == IMAGE:
+                image = study
+            elif image is not None and self.spatial_dims == 2:
+                study = png_mask_on_image(study, image)
             # Study arrays are (I, J, K[, C]); MONAI wants channels first.
             array = np.moveaxis(study.array, -1, 0) if study.array.ndim == 4 else study.array[None]
             if self.spatial_dims == 2:

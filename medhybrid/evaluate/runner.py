@@ -44,7 +44,7 @@ import torch
 
 from medhybrid import __version__
 from medhybrid.config import EvalConfig, MinSensitivity
-from medhybrid.data.transforms import frame_affine
+from medhybrid.data.transforms import frame_affine, png_mask_on_image
 from medhybrid.errors import InputError, MedHybridError
 from medhybrid.evaluate import bootstrap as B
 from medhybrid.evaluate.classification import Fitted, Scored, classification_metrics, fit, stack_logits
@@ -182,7 +182,7 @@ class _Evaluator:
                     pred.seg_probs,
                     pred.affine,
                     (pred.native_affine, study.spatial_shape),
-                    (labels, self._reference_frame(ref, study, pred.native_affine), ref.spatial_shape),
+                    (labels, self._reference_frame(ref, study), ref.spatial_shape),
                     ref.spacing,
                     self.n_seg,
                     nsd_tolerance_mm=self.o.nsd_tolerance_mm,
@@ -217,17 +217,13 @@ class _Evaluator:
         rec.seconds = time.perf_counter() - t0
         return rec
 
-    def _reference_frame(self, ref: Study, study: Study, image_frame: np.ndarray) -> np.ndarray:
+    def _reference_frame(self, ref: Study, study: Study) -> np.ndarray:
         """The reference mask's affine in the preprocessing frame: placed by its own geometry, except a
-        PNG mask of a 2D image of the same size, which has no geometry of its own (a PNG mask drawn on a
-        DICOM radiograph's pixels) and is taken on the image's pixels."""
-        if (
-            self.p.data_cfg.spatial_dims == 2
-            and ref.source_format == "png"
-            and ref.spatial_shape == study.spatial_shape
-        ):
-            return image_frame
-        return frame_affine(ref.affine, self.p.data_cfg.spatial_dims)
+        PNG mask of a 2D image of its size, which has no geometry of its own and lies on the image's
+        pixels (:func:`medhybrid.data.transforms.png_mask_on_image`, as in training)."""
+        dims = self.p.data_cfg.spatial_dims
+        placed = png_mask_on_image(ref, study) if dims == 2 else ref
+        return frame_affine(placed.affine, dims)
 
     def _wants_deletion(self, logits: np.ndarray | None) -> bool:
         """Deletion curves for studies called abnormal (the maps explain abnormality), up to the cap."""

@@ -177,6 +177,44 @@ def test_dicom_seg_frames_match_mask_and_source_geometry(inferred: Path, cohort:
     assert checked == N_STUDIES
 
 
+def test_an_anatomy_model_reports_structures_and_no_verdict(cohort: Path, tmp_path: Path) -> None:
+    """A segmentation model of normal structures: volumes as structures, no probability, no decision, no
+    Normality in the SR, the SEG codes Anatomical Structure, the worklist says 'no verdict'."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    manifest = synthesize_cohort(tmp_path / "c", n=6, dims=3, fmt="nifti", seed=4)
+    raw = {
+        "name": "anatomy3d",
+        "data": {
+            "manifest": str(manifest), "task": "segmentation", "mask_kind": "anatomy", "spatial_dims": 3,
+            "intensity": "ct_soft_tissue", "spacing": [1.5, 1.5, 2.5], "spatial_size": [32, 32, 16],
+            "patch_size": [32, 32, 16],
+        },
+        "model": {"name": "hybrid_tiny_3d"},
+        "train": {"batch_size": 2, "stages": [{"epochs": 1, "lr": 0.003}]},
+        "eval": {"metrics": ["dice", "loss"], "select": "dice"},
+        "runtime": {"seed": 0, "threads": 2},
+    }  # fmt: skip
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    train(load_pipeline(tmp_path / "p.yaml"), tmp_path / "run")
+    result = run_inference(cohort / "dicom", tmp_path / "run", tmp_path / "out")
+    assert len(result.done) == N_STUDIES and not result.failed
+    for d in study_dirs(tmp_path / "out"):
+        report = StudyReport.model_validate(json.loads((d / "report.json").read_text()))
+        assert report.probability is None and report.decision is None and report.operating_point is None
+        assert report.lesions == [] and [s.name for s in report.structures] == ["lesion"]
+        assert "NO VERDICT" in (d / "report.html").read_text()
+        seg = pydicom.dcmread(d / "seg.dcm")
+        assert seg.SegmentSequence[0].SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"
+        sr = hd.sr.srread(d / "sr.dcm").content
+        assert sr.get_image_measurement_groups() == []  # no Normality evaluation
+        assert sr.get_volumetric_roi_measurement_groups()[0].get_measurements(name=codes.SCT.NumberOfLesions) == []
+    rows = list(csv.DictReader((tmp_path / "out" / "summary.csv").open()))
+    assert {r["probability"] for r in rows} == {""} and {r["decision"] for r in rows} == {""}
+    assert "no verdict" in (tmp_path / "out" / "index.html").read_text()
+
+
 def test_summary_and_index_sorted_by_probability(inferred: Path) -> None:
     rows = list(csv.DictReader((inferred / "summary.csv").open()))
     probs = [float(r["probability"]) for r in rows]

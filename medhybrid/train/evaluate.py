@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -151,10 +152,11 @@ def compute_metrics(
             out["operating_point"] = operating_point(labels != 0, scores, rule)
     if records and "dice" in records[0] and "dice" in metrics:
         per_case = np.asarray([r["dice"] for r in records], dtype=np.float64)  # (N, classes - 1)
-        with np.errstate(invalid="ignore"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a class absent from every case: NaN (undefined)
             per_class = np.nanmean(per_case, axis=0) if per_case.size else np.array([])
+            out["dice"] = float(np.nanmean(per_class)) if per_class.size else math.nan
         out["dice_per_class"] = [float(v) for v in per_class]
-        out["dice"] = float(np.nanmean(per_class)) if per_class.size else math.nan
     return out
 
 

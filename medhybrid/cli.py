@@ -415,7 +415,7 @@ def train_cmd(
             on_epoch=show,
             on_event=lambda msg: stderr.print(msg, highlight=False, markup=False),
         )
-        if main_rank:
+        if main_rank and cv.metrics:
             for line in cv_lines(cv.metrics):
                 stdout.print(line, highlight=False, soft_wrap=True)
             stdout.print(f"out-of-fold report: {(run_dir / 'cv' / 'report.html').resolve()}", highlight=False)
@@ -603,8 +603,8 @@ def evaluate_cmd(
             lines.append(f"faithfulness {method}: {f['faithfulness']['value']:+.4f} (deletion AUC vs random)")
     if m.get("calibration_stored_in"):
         lines.append(f"temperature and operating point stored in {m['calibration_stored_in']}")
-    if m.get("calibration_not_stored"):
-        lines.append(f"note: {m['calibration_not_stored']}")
+    if m.get("calibration_not_refitted"):
+        lines.append(f"note: {m['calibration_not_refitted']}; the stored temperature and threshold were used")
     if (m.get("splits") or {}).get("warning"):
         lines.append(f"warning: {m['splits']['warning']}")
     lines.append(f"report: {(Path(out) / 'report.html').resolve()}")

@@ -16,7 +16,7 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from medhybrid.config import load_pipeline
-from medhybrid.evaluate.classification import Scored, classification_metrics, crossfit, halves
+from medhybrid.evaluate.classification import Fitted, Scored, classification_metrics, crossfit, halves
 from medhybrid.evaluate.runner import EvaluateOptions, evaluate
 from medhybrid.io.writers import nifti_bytes
 from medhybrid.train import train
@@ -38,12 +38,13 @@ def test_cross_fitted_auroc_is_the_raw_auroc_even_when_the_halves_reorder_studie
     logits = np.stack([np.zeros(n), margin], axis=1)
     raw = abnormality(np.exp(logits) / np.exp(logits).sum(1, keepdims=True))
     s = Scored(labels, raw, logits)
+    stored = Fitted(1.0, {"threshold": 0.5, "method": "fixed"})
     out, fitted, calibrated, _ = classification_metrics(
-        s, s, "youden", {}, same_split=True, n_boot=200, seed=0, label_names={}, score_method="classifier"
+        s, s, "youden", stored, same_split=True, n_boot=200, seed=0, label_names={}, score_method="classifier"
     )
     assert out["protocol"].startswith("cross-fitted") and fitted is not None
     assert out["auroc"]["value"] == roc_auc_score(labels, raw)
-    _, crossfit_scores, _, folds = crossfit(s, "youden", seed=0)
+    _, crossfit_scores, _, folds = crossfit(s, "youden", seed=0, fallback=stored)
     assert folds[0]["temperature"] < folds[1]["temperature"] / 3  # the halves really differ
     assert roc_auc_score(labels, crossfit_scores) != roc_auc_score(labels, raw)  # what the old code reported
     assert np.array_equal(calibrated, crossfit_scores)  # the threshold is still applied to calibrated scores
@@ -155,6 +156,40 @@ def test_segmentation_only_lesion_model_scores_studies_by_lesion(
     assert np.all((scores >= 0) & (scores <= 1))
     sidecar = json.loads((runs["lesion"] / "best.calibration.json").read_text())
     assert sidecar["temperature"] == 1.0 and "threshold" in sidecar["operating_point"]
+
+
+def test_a_calibration_split_of_one_class_keeps_the_stored_threshold(
+    cohort: Path, runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Every validation study abnormal (lesion data where every case has a lesion): no threshold can be
+    fitted on it; the stored one is used and the protocol says why, instead of an IndexError."""
+
+    def only_lesions(r: dict[str, str]) -> None:
+        if r["split"] == "val" and r["label"] == "0":
+            r["split"] = "unused"
+
+    manifest = rewrite(cohort, tmp_path, only_lesions)
+    opts = EvaluateOptions(split="test", n_boot=100, saliency=False, store_calibration=True)
+    before = json.loads((runs["lesion"] / "best.calibration.json").read_text())
+    m = evaluate(runs["lesion"], manifest, tmp_path / "out", opts).metrics
+    c = m["classification"]
+    assert "not refitted" in c["protocol"] and "all abnormal" in c["operating_point"]["not_refitted"]
+    assert c["operating_point"]["threshold"] == before["operating_point"]["threshold"]
+    assert "calibration_stored_in" not in m  # nothing new was fitted, nothing overwritten
+    assert json.loads((runs["lesion"] / "best.calibration.json").read_text()) == before
+
+
+def test_a_png_mask_takes_the_pixel_size_of_its_radiograph() -> None:
+    """A PNG has no pixel size of its own (1 mm by default); on a 0.5 mm radiograph of its size its
+    distances (HD95, NSD, the empty-mask diagonal) are in the radiograph's millimetres."""
+    from medhybrid.data.transforms import png_mask_on_image
+    from medhybrid.io.study import Study
+
+    image = Study("i", np.zeros((8, 6, 1), np.float32), np.diag([-0.5, -0.5, 1.0, 1.0]), "DX", Path("i"), "dicom")
+    mask = Study("m", np.zeros((8, 6, 1), np.float32), np.diag([-1.0, -1.0, 1.0, 1.0]), "OT", Path("m.png"), "png")
+    assert png_mask_on_image(mask, image).spacing == (0.5, 0.5, 1.0)
+    nifti = Study("m", mask.array, mask.affine, "OT", Path("m.nii.gz"), "nifti")
+    assert png_mask_on_image(nifti, image).spacing == (1.0, 1.0, 1.0)  # a NIfTI mask keeps its geometry
 
 
 def test_anatomy_model_gives_no_verdict(cohort: Path, runs: dict[str, Path], tmp_path: Path) -> None:

@@ -90,6 +90,29 @@ def test_every_fold_tests_on_its_own_fold_and_selects_on_the_next(cv_run: Path) 
         assert ckpt_cfg["status"] == "completed" and (cv_run / f"fold_{k}" / "best.calibration.json").is_file()
 
 
+def test_fold_manifests_carry_pseudonyms_not_patient_ids(cv_run: Path) -> None:
+    for k in range(K):
+        text = (cv_run / f"fold_{k}" / "manifest.csv").read_text()
+        rows = read_manifest(cv_run / f"fold_{k}" / "manifest.csv").rows
+        assert all(r.patient_id and r.patient_id.startswith("patient_") for r in rows)
+        assert ",p0," not in text and ",p1," not in text
+
+
+def test_evaluating_the_ensemble_applies_its_stored_calibration(cv_run: Path, cohort: Path, tmp_path: Path) -> None:
+    """The default calibration split (val) trained every fold model: nothing is fitted on it; the ensemble's
+    own calibration (fitted out-of-fold) is applied, and left as it was."""
+    from medhybrid.evaluate.runner import EvaluateOptions, evaluate
+
+    sidecar = json.loads((cv_run / "ensemble.calibration.json").read_text())
+    m = evaluate(cv_run, cohort, tmp_path / "ev", EvaluateOptions(split="test", n_boot=100, saliency=False)).metrics
+    c = m["classification"]
+    assert "trained the model" in m["calibration_not_refitted"] and "stored with the model" in c["protocol"]
+    assert c["temperature"] == sidecar["temperature"]
+    assert c["at_operating_point"]["threshold"] == pytest.approx(sidecar["operating_point"]["threshold"])
+    assert json.loads((cv_run / "ensemble.calibration.json").read_text()) == sidecar
+    assert m["splits"]["training"] == ["train", "val"] and "warning" not in m["splits"]  # test: never seen
+
+
 def test_the_pooled_out_of_fold_report(cv_run: Path, cohort: Path) -> None:
     m = json.loads((cv_run / "cv" / "metrics.json").read_text())
     pooled = [r for r in read_manifest(cohort).rows if r.split in ("train", "val")]
@@ -139,6 +162,40 @@ def test_resume_reuses_finished_folds(cv_run: Path, cohort: Path, tmp_path: Path
     assert fresh.exit_code == 1 and "already holds a cross-validation run" in fresh.output
 
 
+def cohort_pipe(cohort: Path, tmp: Path, **kw: object) -> Path:
+    path = tmp / "cohort_pipe.yaml"
+    path.write_text(yaml.safe_dump(easy_pipeline(cohort, **kw)))  # type: ignore[arg-type]
+    return path
+
+
+def test_compare_folds_pairs_auroc_on_the_scores_its_table_uses(cohort: Path, tmp_path: Path) -> None:
+    """Out-of-fold, the AUROC column pools each fold's calibrated probabilities (K models' raw scales
+    differ); the paired difference must be computed on the same scores, or it can disagree in sign."""
+    from sklearn.metrics import roc_auc_score
+
+    pipe = cohort_pipe(cohort, tmp_path, epochs=1)
+    opts = CompareOptions(
+        models=["hybrid_tiny_2d", "small=hybrid_tiny_2d"],
+        model_args={"small": {"context_depth": 0}},
+        folds=3,
+        n_boot=100,
+        overrides=["data.task=classification", "eval.metrics=[auroc, loss]", "eval.select=auroc"],
+    )
+    result = compare(pipe, tmp_path / "cmp", opts)
+    rows = {r["model"]: r for r in result["rows"]}
+    pooled = {
+        m: list(csv.DictReader((tmp_path / "cmp" / "runs" / f"{m}_seed0" / "cv" / "predictions.csv").open()))
+        for m in rows
+    }
+    auc = {}
+    for m, preds in pooled.items():
+        preds.sort(key=lambda r: r["study_id"])
+        auc[m] = roc_auc_score([int(r["label"]) for r in preds], [float(r["probability"]) for r in preds])
+        assert rows[m]["auroc"]["value"] == pytest.approx(auc[m])
+    delta = rows["small"]["delta_vs_first"]
+    assert delta["metric"] == "auroc" and delta["value"] == pytest.approx(auc["small"] - auc["hybrid_tiny_2d"])
+
+
 def test_compare_never_reports_on_the_split_it_selects_on(cohort: Path, tmp_path: Path) -> None:
     # no test split: val is held out and reported, the runs select on a fifth of train
     rows = list(csv.DictReader(cohort.open()))
@@ -162,6 +219,12 @@ def test_compare_never_reports_on_the_split_it_selects_on(cohort: Path, tmp_path
     assert not {r.study_id for r in held.split("val")} & original_val
     with pytest.raises(ConfigError, match="select"):
         compare(pipe, tmp_path / "bad", CompareOptions(models=["hybrid_tiny_2d"], split="val"))
+    # a test split that the pipeline selects on is not a reporting split
+    from medhybrid.evaluate.compare import choose_protocol
+
+    swapped = CompareOptions(models=["hybrid_tiny_2d"], overrides=["data.val_split=test"])
+    protocol = choose_protocol(cohort_pipe(cohort, tmp_path), swapped, tmp_path / "swap")
+    assert protocol.name == "held-out" and protocol.calibration_split == "val"
     # --folds: pooled out-of-fold predictions, paired on the same studies
     folds = compare(pipe, tmp_path / "cv", CompareOptions(models=opts.models, model_args=opts.model_args, epochs=1,
                                                            folds=3, n_boot=100))  # fmt: skip

@@ -388,7 +388,7 @@ def test_sr_bad_inputs(case: Case, other_case: Case, tmp_path: Path) -> None:
 def test_anatomy_is_coded_as_anatomy_and_gets_no_verdict(case: Case, tmp_path: Path) -> None:
     """A model of normal structures (hippocampus) must not code them as lesions, nor call the scan
     abnormal or normal: the SEG codes Anatomical Structure, the SR has volumes and no Normality."""
-    names = {1: "Hippocampus", 2: "posterior part"}
+    names = {1: "Hippocampus", 2: "Posterior"}  # "Posterior" is a SNOMED qualifier, not a structure
     mask = case.mask.copy()
     mask[:4, :4, :] = 2
     seg = write_seg(
@@ -408,7 +408,7 @@ def test_anatomy_is_coded_as_anatomy_and_gets_no_verdict(case: Case, tmp_path: P
         None,
         (
             SegmentFinding(1, "Hippocampus", 2.5, 1, kind="anatomy"),
-            SegmentFinding(2, "posterior part", 0.5, 1, kind="anatomy"),
+            SegmentFinding(2, "Posterior", 0.5, 1, kind="anatomy"),
         ),
     )
     write_sr(findings, case.headers, seg, ALGORITHM, tmp_path / "sr.dcm", sources=case.sources)

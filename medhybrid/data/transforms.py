@@ -231,5 +231,25 @@ def build_transforms(cfg: DataConfig, mode: Mode) -> Compose:
         steps.append(ResizeWithPadOrCropd(keys, spatial_size=cfg.spatial_size))
     if mode == "train":
         steps += augment_transforms(cfg, keys)
+    if mode == "val":
+        steps.append(VoxelVolumed())
     steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=mode == "infer"))
     return Compose(steps)
+
+
+VOXEL_ML = "voxel_ml"
+
+
+class VoxelVolumed(MapTransform):
+    """Record the volume (mL) of one model-grid voxel of ``image`` under ``voxel_ml`` before validation
+    drops the affine: the lesion score's minimum size needs it, measured as inference measures it."""
+
+    def __init__(self) -> None:
+        super().__init__([IMAGE])
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        a = np.asarray(d[IMAGE].affine, dtype=np.float64)
+        n = a.shape[0] - 1  # spatial axes of the affine (a 2D grid: its pixel area x 1 mm, as inference does)
+        d[VOXEL_ML] = float(np.prod(np.linalg.norm(a[:n, :n], axis=0))) / 1000.0
+        return d

@@ -62,7 +62,7 @@ class Scored:
 
 @dataclass
 class Fitted:
-    """A temperature (1 without logits) and the operating point chosen on the calibrated scores."""
+    """A temperature (1 without logits) and the operating point chosen on the scores it calibrates."""
 
     temperature: float
     operating_point: dict[str, Any]
@@ -75,11 +75,20 @@ class Fitted:
         return probs, abnormality(probs)
 
 
-def fit(s: Scored, rule: Any) -> Fitted:
-    """Temperature (negative log-likelihood of the logits) then the operating point on the calibrated scores."""
+def fit(s: Scored, rule: Any, fallback: Fitted) -> Fitted:
+    """Temperature (negative log-likelihood of the logits) then the operating point on the calibrated scores.
+
+    Studies of one class only (a segmentation-only lesion model on data where every study has a lesion, a
+    cross-fit half without normals) fix neither: a temperature fitted on them only learns to push every
+    probability to that class, and no threshold separates classes that are not both there. ``fallback``
+    (the calibration stored with the model) is returned instead, its ``operating_point`` saying why."""
+    abnormal = s.labels != 0
+    if not abnormal.any() or abnormal.all():
+        reason = f"the {len(s)} fitting studies are all {'abnormal' if abnormal.any() else 'normal'}"
+        return Fitted(fallback.temperature, {**fallback.operating_point, "not_refitted": reason})
     temperature = M.fit_temperature(s.logits, s.labels) if s.logits is not None else 1.0
     _, scores = Fitted(temperature, {}).calibrated(s)
-    return Fitted(temperature, operating_point(s.labels != 0, scores, EvalConfig(operating_point=rule)))
+    return Fitted(temperature, operating_point(abnormal, scores, EvalConfig(operating_point=rule)))
 
 
 def halves(s: Scored, seed: int) -> np.ndarray:
@@ -97,7 +106,9 @@ def halves(s: Scored, seed: int) -> np.ndarray:
     return half[inverse]
 
 
-def crossfit(s: Scored, rule: Any, seed: int) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, list[dict]]:
+def crossfit(
+    s: Scored, rule: Any, seed: int, fallback: Fitted
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, list[dict]]:
     """Each half scored with what was fitted on the other: calibrated probabilities ``(N, C)`` (or None),
     calibrated scores ``(N,)``, thresholds ``(N,)`` and a summary per fold."""
     fold = halves(s, seed)
@@ -106,19 +117,16 @@ def crossfit(s: Scored, rule: Any, seed: int) -> tuple[np.ndarray | None, np.nda
     folds = []
     for k in (0, 1):
         test = fold == k
-        fitted = fit(s.take(~test), rule)
+        fitted = fit(s.take(~test), rule, fallback)
         p, sc = fitted.calibrated(s.take(test))
         if probs is not None and p is not None:
             probs[test] = p
         scores[test] = sc
         thresholds[test] = fitted.operating_point["threshold"]
-        folds.append(
-            {
-                "temperature": fitted.temperature,
-                "threshold": fitted.operating_point["threshold"],
-                "n_fit": int((~test).sum()),
-            }
-        )
+        summary = {"temperature": fitted.temperature, "threshold": fitted.operating_point["threshold"]}
+        if "not_refitted" in fitted.operating_point:
+            summary["not_refitted"] = fitted.operating_point["not_refitted"]
+        folds.append({**summary, "n_fit": int((~test).sum())})
     return probs, scores, thresholds, folds
 
 
@@ -151,19 +159,22 @@ def classification_metrics(
     s: Scored,
     calibration: Scored | None,
     rule: Any,
-    stored_op: dict[str, Any],
+    stored: Fitted,
     *,
     same_split: bool,
     n_boot: int,
     seed: int,
     label_names: dict[int, str],
     score_method: str,
+    stored_note: str = "",
 ) -> tuple[dict[str, Any], Fitted | None, np.ndarray, np.ndarray]:
     """Metrics of the evaluated studies, what was fitted on the calibration split (to store; None without
     one), and per study the calibrated score and the threshold it was called at.
 
-    ``calibration`` None: no calibration split (raw scores, the checkpoint's threshold); ``same_split``:
-    the calibration studies are the evaluated ones (cross-fitted, module docstring)."""
+    ``calibration`` None: the calibration stored with the model (``stored``: the sidecar's temperature and
+    threshold, or training's threshold on raw scores) is applied as it is, ``stored_note`` saying why;
+    ``same_split``: the calibration studies are the evaluated ones (cross-fitted, module docstring). A
+    calibration set of one class falls back to ``stored`` (:func:`fit`)."""
     out: dict[str, Any] = {
         "n": len(s),
         "label_names": {str(k): v for k, v in label_names.items()},
@@ -173,16 +184,19 @@ def classification_metrics(
     }
     fitted: Fitted | None = None
     if calibration is None:
-        probs = M.softmax_t(s.logits, 1.0) if s.logits is not None else None
-        scores, thresholds = s.scores, np.full(len(s), float(stored_op["threshold"]))
-        out["protocol"] = "no calibration split: raw scores, the threshold stored at training"
-        out["temperature"] = 1.0
+        probs, scores = stored.calibrated(s)
+        thresholds = np.full(len(s), float(stored.operating_point["threshold"]))
+        out["protocol"] = "no calibration refitted: the temperature and threshold stored with the model" + (
+            f" ({stored_note})" if stored_note else ""
+        )
+        out["temperature"] = stored.temperature
+        out["operating_point"] = stored.operating_point
     else:
-        fitted = fit(calibration, rule)
+        fitted = fit(calibration, rule, stored)
         out["temperature"] = fitted.temperature
         out["operating_point"] = fitted.operating_point
         if same_split:
-            probs, scores, thresholds, out["folds"] = crossfit(s, rule, seed)
+            probs, scores, thresholds, out["folds"] = crossfit(s, rule, seed, stored)
             out["protocol"] = (
                 "cross-fitted: the evaluated split is the calibration split, so each stratified half is scored "
                 "with the temperature and threshold fitted on the other half"
@@ -191,6 +205,9 @@ def classification_metrics(
             probs, scores = fitted.calibrated(s)
             thresholds = np.full(len(s), fitted.operating_point["threshold"])
             out["protocol"] = "temperature and threshold fitted on the calibration split"
+        if "not_refitted" in fitted.operating_point:
+            out["protocol"] += f"; not refitted ({fitted.operating_point['not_refitted']}): the stored ones used"
+            fitted = None  # nothing new to store
     abnormal = s.labels != 0
     at_op = M.binary_metrics(abnormal, (scores >= thresholds).astype(float), 0.5)
     at_op["threshold"] = float(np.mean(thresholds))

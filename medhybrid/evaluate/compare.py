@@ -55,14 +55,22 @@ from medhybrid.config import PipelineConfig, load_pipeline
 from medhybrid.errors import ConfigError
 from medhybrid.evaluate import bootstrap as B
 from medhybrid.evaluate.runner import PREDICTIONS_FILE, EvaluateOptions, evaluate
-from medhybrid.io.manifest import Manifest, ManifestRow, read_manifest, write_manifest
+from medhybrid.io.manifest import Manifest, ManifestRow, pseudonymous_patients, read_manifest, write_manifest
 from medhybrid.io.writers import atomic_write_bytes
 from medhybrid.models.profile import forward_gflops
 from medhybrid.train import train
 from medhybrid.train.checkpoint import load_checkpoint
 from medhybrid.train.data import load_task_data
 from medhybrid.train.loop import build_model, model_args
-from medhybrid.train.records import BEST_FILE, CV_DIR, FOLDS_FILE, finished_run, read_metrics, write_json
+from medhybrid.train.records import (
+    BEST_FILE,
+    CONFIG_FILE,
+    CV_DIR,
+    FOLDS_FILE,
+    finished_run,
+    read_metrics,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +155,7 @@ def choose_protocol(pipeline: Path, options: CompareOptions, out: Path) -> Proto
         if not manifest.split(options.split):
             raise ConfigError(f"--split {options.split}: the manifest has no such split ({manifest.splits()})")
         return Protocol("test", options.split, data.val_split, [], data.manifest)
-    if manifest.split("test"):
+    if manifest.split("test") and "test" not in (data.train_split, data.val_split):
         return Protocol("test", "test", data.val_split, [], data.manifest)
     path = holdout_manifest(manifest, data.train_split, data.val_split, base.runtime.seed, out / "holdout")
     overrides = [f"data.manifest={path.resolve()}", "data.train_split=train", "data.val_split=val"]
@@ -162,21 +170,11 @@ def holdout_manifest(manifest: Manifest, train_split: str, val_split: str, seed:
 
     train_rows = manifest.split(train_split)
     fold = assign_folds(train_rows, 5, seed)
+    split_of = {r.study_id: "val" if fold[r.study_id] == 0 else "train" for r in train_rows}
+    split_of.update({r.study_id: "test" for r in manifest.split(val_split)})
     rows = [
-        ManifestRow(
-            r.study_id,
-            r.image,
-            r.label,
-            r.mask,
-            "val" if fold[r.study_id] == 0 else "train",
-            dict(r.extra),
-            patient_id=r.patient_id,
-        )
-        for r in train_rows
-    ]
-    rows += [
-        ManifestRow(r.study_id, r.image, r.label, r.mask, "test", dict(r.extra), patient_id=r.patient_id)
-        for r in manifest.split(val_split)
+        ManifestRow(r.study_id, r.image, r.label, r.mask, split_of[r.study_id], dict(r.extra), patient_id=r.patient_id)
+        for r in pseudonymous_patients([r for r in manifest.rows if r.study_id in split_of])
     ]
     return write_manifest(folder / "manifest.csv", rows, sidecar=dict(manifest.sidecar))
 
@@ -303,6 +301,9 @@ def _run(
 
         epochs = cfg.train.stages[0].epochs
         say(f"{tag}: {options.folds}-fold cross-validation ({epochs} epochs, seed {cfg.runtime.seed})")
+        saved = run_dir / CONFIG_FILE
+        if saved.is_file() and yaml.safe_load(saved.read_text()) != cfg.to_dict():
+            shutil.rmtree(run_dir)  # another configuration (e.g. --epochs): retrain, as a plain run would
         folds_done = (run_dir / FOLDS_FILE).is_file()
         cv = train_folds(cfg, run_dir, options.folds, resume=folds_done, on_epoch=on_epoch, n_boot=options.n_boot)
         metrics, eval_dir = cv.metrics, run_dir / CV_DIR
@@ -386,7 +387,7 @@ def summarise(
             vals = [r[k] for r in rs if r.get(k) is not None]
             row[k] = float(np.median(vals)) if vals else None
         rows.append(row)
-    deltas = _paired_deltas(by_model, task, options, _groups(protocol.manifest))
+    deltas = _paired_deltas(by_model, task, options, _groups(protocol.manifest), protocol.name == "out-of-fold")
     for row in rows:
         row["delta_vs_first"] = deltas.get(row["model"])
     reference = model_spec(options.models[0])[0]
@@ -408,17 +409,23 @@ def _groups(manifest: Path) -> dict[str, str] | None:
 
 
 def _paired_deltas(
-    by_model: dict[str, list[dict[str, Any]]], task: str, options: CompareOptions, groups: dict[str, str] | None
+    by_model: dict[str, list[dict[str, Any]]],
+    task: str,
+    options: CompareOptions,
+    groups: dict[str, str] | None,
+    pooled_folds: bool,
 ) -> dict[str, Any]:
-    """Each model against the first on the studies that every run scored; AUROC on the raw scores."""
+    """Each model against the first on the studies that every run scored: AUROC on the scores its table
+    column uses (raw for one model; out-of-fold, each fold's calibrated probabilities, as the pooled
+    out-of-fold AUROC is computed, since K models' raw scales differ)."""
     preds = {m: [_predictions(Path(r["eval_dir"])) for r in rs] for m, rs in by_model.items()}
     common = set.intersection(*(set(p) for ps in preds.values() for p in ps))
     ids = sorted(common)
     if not ids:
         return {}
     ref = model_spec(options.models[0])[0]
-    # rank metrics on the raw scores: calibrated ones carry a per-half (cross-fit) or per-fold temperature
-    column = "probability_raw" if task == "classification" else None
+    # one model: rank metrics on the raw scores (calibrated ones may carry a per-half cross-fit temperature)
+    column = ("probability" if pooled_folds else "probability_raw") if task == "classification" else None
 
     def matrix(model: str) -> np.ndarray:
         if column:

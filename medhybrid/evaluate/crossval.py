@@ -71,10 +71,16 @@ def pooled_evaluation(
         say(f"fold {fold}: {len(res.records) - len(res.failed)} out-of-fold studies evaluated")
         results.append(res)
     grouped = read_manifest(cfg.data.manifest).has_patients
+    digest = checkpoints_digest([Path(d) / records.BEST_FILE for d in fold_dirs])
     ok = [(k, r) for k, res in enumerate(results) for r in res.records if r.status == "ok"]
     first = results[0].metrics
     result: dict[str, Any] = {
-        "model": {**first["model"], "checkpoint": f"{len(fold_dirs)} fold models ({records.ENSEMBLE_FILE})"},
+        "model": {
+            **first["model"],
+            "checkpoint": f"{len(fold_dirs)} fold models ({records.ENSEMBLE_FILE})",
+            "weights_sha256": digest,
+            "members": len(fold_dirs),
+        },
         "manifest": str(cfg.data.manifest),
         "split": "out-of-fold",
         "calibration_split": "each fold's inner validation fold",
@@ -111,7 +117,7 @@ def pooled_evaluation(
     records.write_json(cv_dir / records.METRICS_JSON, result)
     atomic_write_bytes(cv_dir / PREDICTIONS_FILE, _pooled_csv(fold_dirs))
     atomic_write_bytes(cv_dir / REPORT_FILE, evaluation_html(result))
-    _write_ensemble(Path(run_dir), fold_dirs, cfg, ensemble_fit, len(scored))
+    _write_ensemble(Path(run_dir), fold_dirs, cfg, ensemble_fit, len(scored), digest)
     return result
 
 
@@ -178,7 +184,8 @@ def _pooled_classification(
     at_op = M.binary_metrics(s.labels != 0, (calibrated >= thresholds).astype(float), 0.5)
     at_op["threshold"] = float(np.mean(thresholds))
     out["at_operating_point"] = at_op
-    return out, fit(s, cfg.eval.operating_point)
+    default = Fitted(1.0, {"threshold": 0.5, "method": "default (the out-of-fold studies are of one class)"})
+    return out, fit(s, cfg.eval.operating_point, default)
 
 
 def _mask_names(fold_dirs: Sequence[Path]) -> dict[int, str]:
@@ -203,7 +210,7 @@ def _pooled_csv(fold_dirs: Sequence[Path]) -> bytes:
 
 
 def _write_ensemble(
-    run_dir: Path, fold_dirs: Sequence[Path], cfg: PipelineConfig, fitted: Fitted | None, n_scored: int
+    run_dir: Path, fold_dirs: Sequence[Path], cfg: PipelineConfig, fitted: Fitted | None, n_scored: int, digest: str
 ) -> None:
     """``ensemble.json`` (the fold models, what they were trained on) and its calibration sidecar."""
     members = [str((Path(d) / records.BEST_FILE).relative_to(run_dir)) for d in fold_dirs]
@@ -221,7 +228,6 @@ def _write_ensemble(
     )
     if fitted is None:
         return
-    digest = checkpoints_digest([run_dir / m for m in members])
     write_calibration(
         run_dir / records.ENSEMBLE_FILE,
         {

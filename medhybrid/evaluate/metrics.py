@@ -74,7 +74,9 @@ def calibration_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int = 15) ->
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The temperature ``T`` minimising the negative log-likelihood of ``softmax(logits / T)`` (Guo et
     al., 2017), searched over ``log T`` in [-4, 4] with scipy's bounded Brent method. It rescales
-    confidence without changing any prediction's rank or class."""
+    confidence without changing any study's predicted class; with two classes it keeps the studies' order
+    too, with more it may reorder ``1 - p(normal)`` between studies (which is why rank metrics use the raw
+    scores)."""
     z = np.asarray(logits, dtype=np.float64)
     y = np.asarray(labels).astype(int)
 

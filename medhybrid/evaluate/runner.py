@@ -178,12 +178,13 @@ class _Evaluator:
                 labels = ref.array[..., 0] if ref.array.ndim == 4 else ref.array
                 if rec.label is None and self.p.lesions:
                     rec.label = int(reference_abnormal(labels, self.p.lesions))
+                ref_affine, ref_spacing = self._reference_grid(ref, study)
                 rec.seg, rec.seg_resampled = score_against_reference(
                     pred.seg_probs,
                     pred.affine,
                     (pred.native_affine, study.spatial_shape),
-                    (labels, self._reference_frame(ref, study), ref.spatial_shape),
-                    ref.spacing,
+                    (labels, ref_affine, ref.spatial_shape),
+                    ref_spacing,
                     self.n_seg,
                     nsd_tolerance_mm=self.o.nsd_tolerance_mm,
                     mask_path=row.mask,
@@ -217,13 +218,14 @@ class _Evaluator:
         rec.seconds = time.perf_counter() - t0
         return rec
 
-    def _reference_frame(self, ref: Study, study: Study) -> np.ndarray:
-        """The reference mask's affine in the preprocessing frame: placed by its own geometry, except a
-        PNG mask of a 2D image of its size, which has no geometry of its own and lies on the image's
-        pixels (:func:`medhybrid.data.transforms.png_mask_on_image`, as in training)."""
+    def _reference_grid(self, ref: Study, study: Study) -> tuple[np.ndarray, tuple[float, float, float]]:
+        """The reference mask's affine in the preprocessing frame and its voxel size: placed by its own
+        geometry, except a PNG mask of a 2D image of its size, which has no geometry of its own and lies on
+        the image's pixels, with their spacing (:func:`medhybrid.data.transforms.png_mask_on_image`, as in
+        training)."""
         dims = self.p.data_cfg.spatial_dims
         placed = png_mask_on_image(ref, study) if dims == 2 else ref
-        return frame_affine(placed.affine, dims)
+        return frame_affine(placed.affine, dims), placed.spacing
 
     def _wants_deletion(self, logits: np.ndarray | None) -> bool:
         """Deletion curves for studies called abnormal (the maps explain abnormality), up to the cap."""
@@ -240,6 +242,15 @@ def _scored(records: Sequence[StudyRecord], grouped: bool) -> Scored:
         logits=stack_logits([r.logits for r in records]),
         groups=np.asarray([r.group for r in records]) if grouped else None,
     )
+
+
+def stored_calibration(predictor: Predictor) -> Fitted:
+    """What the model carries: the sidecar's temperature and operating point when there is one, else
+    training's operating point on raw scores (an ensemble without a sidecar: the default threshold)."""
+    cal = predictor.calibration
+    if cal.get("operating_point"):
+        return Fitted(float(cal.get("temperature", 1.0)), dict(cal["operating_point"]))
+    return Fitted(1.0, dict(predictor.operating_point))
 
 
 def _splits(predictor: Predictor, manifest: Path, o: EvaluateOptions) -> dict[str, Any]:
@@ -300,9 +311,15 @@ def evaluate(
     ev = _Evaluator(predictor, o, out, n_seg)
     rule = parse_operating_point(o.operating_point, predictor.eval_cfg.operating_point)
     scores_study = predictor.score_method is not None
+    splits = _splits(predictor, mf.path, o)
+    stored = stored_calibration(predictor)
+    ev.temperature, ev.model_threshold = stored.temperature, stored.operating_point["threshold"]
+    # a temperature and threshold fitted on studies the model trained on would flatter it: not refitted
+    refit = not splits["calibration_on_training_data"]
+    stored_note = "" if refit else f"split {o.calibration_split!r} trained the model, so nothing was fitted on it"
 
     calibration: list[StudyRecord] | None = None
-    if scores_study and o.calibration_split != o.split:
+    if scores_study and refit and o.calibration_split != o.split:
         cal_rows = mf.split(o.calibration_split)[: o.limit]
         if cal_rows:
             logger.info("calibration: %d studies of split %s", len(cal_rows), o.calibration_split)
@@ -312,7 +329,7 @@ def evaluate(
                     on_study(rec)
             calibration = [r for r in calibration if r.status == "ok" and r.label is not None]
             if calibration:
-                early = fit(_scored(calibration, False), rule)  # for the deletion curves' selection
+                early = fit(_scored(calibration, False), rule, stored)  # for the deletion curves' selection
                 ev.temperature, ev.model_threshold = early.temperature, early.operating_point["threshold"]
             else:
                 calibration = None
@@ -336,7 +353,7 @@ def evaluate(
         "manifest": str(mf.path),
         "split": o.split,
         "calibration_split": o.calibration_split,
-        "splits": _splits(predictor, mf.path, o),
+        "splits": splits,
         "n_studies": len(records),
         "n_failed": len(records) - len(ok),
         "failed": [{"study_id": r.study_id, "error": r.error} for r in records if r.status != "ok"],
@@ -355,30 +372,27 @@ def evaluate(
     thr_of: dict[str, float] = {}
     labelled = [r for r in ok if r.label is not None and r.score is not None]
     if scores_study and labelled:
-        same = o.calibration_split == o.split
+        same = refit and o.calibration_split == o.split
         cal_records = labelled if same else calibration
         cal = _scored(cal_records, grouped) if cal_records else None
         result["classification"], fitted, scores, thresholds = classification_metrics(
             _scored(labelled, grouped),
             cal,
             rule,
-            predictor.operating_point,
+            stored,
             same_split=same,
             n_boot=o.n_boot,
             seed=o.seed,
             label_names=predictor.label_names or {0: "normal", 1: "abnormal"},
             score_method=str(predictor.score_method),
+            stored_note=stored_note or f"no labelled study in split {o.calibration_split!r}",
         )
         score_of = dict(zip((r.study_id for r in labelled), scores, strict=True))
         thr_of = dict(zip((r.study_id for r in labelled), thresholds, strict=True))
+        if not refit:
+            result["calibration_not_refitted"] = stored_note
         if fitted is not None and o.store_calibration and cal is not None:
-            if result["splits"]["calibration_on_training_data"]:
-                result["calibration_not_stored"] = (
-                    f"split {o.calibration_split!r} trained the model: a calibration fitted on it is not stored"
-                )
-            else:
-                stored = _store(predictor, fitted, result, mf.path, o, cal)
-                result["calibration_stored_in"] = str(stored)
+            result["calibration_stored_in"] = str(_store(predictor, fitted, result, mf.path, o, cal))
     seg_records = [r for r in ok if r.seg is not None]
     if seg_records:
         result["segmentation"] = segmentation_summary(

@@ -787,6 +787,7 @@ def _write_dicom(
         )
     measured = [(les, "lesion") for les in report.lesions] + [(st, "anatomy") for st in report.structures]
     findings = Findings(
+        is_probability=report.score_method in (None, "classifier"),
         probability=report.probability,
         decision=report.decision,
         threshold=report.operating_point.threshold if report.operating_point is not None else None,
@@ -868,5 +869,6 @@ def _write_summary(
     for row in failed:
         writer.writerow({**row, "rank": ""})
     atomic_write_bytes(out / "summary.csv", buf.getvalue().encode("utf-8"))
-    meta = {"model": predictor.model_name, "threshold": predictor.threshold, "input": str(input_path)}
+    threshold = predictor.threshold if predictor.score_method is not None else None  # anatomy: no verdict
+    meta = {"model": predictor.model_name, "threshold": threshold, "input": str(input_path)}
     atomic_write_bytes(out / "index.html", index_html(ranked, failed, meta))

@@ -21,8 +21,9 @@ TrackingUID, a category and type from the label's kind (``segment_kinds``, see
 
 * ``lesion``: category Morphologically Abnormal Structure, type coded from the name (lesion, nodule, mass,
   tumour/neoplasm; anything else is coded as Lesion);
-* ``anatomy``: category Anatomical Structure, type the SNOMED CT concept whose name the label has (e.g.
-  "Hippocampus", "Liver"), or Anatomical Structure itself when no concept has that name.
+* ``anatomy``: category Anatomical Structure, type the segmentation property type (CID 7151) whose name
+  the label has (e.g. "Hippocampus", "Liver"), or Anatomical Structure itself when none has that name
+  (e.g. the MSD hippocampus labels "Anterior", "Posterior", which are direction qualifiers, not structures).
 
 Frames that hold no voxel of a segment are omitted (highdicom's ``omit_empty_frames``), so a segment whose
 label is absent from a non-empty mask has no frames, which readers reconstruct as empty. An all-empty
@@ -34,7 +35,8 @@ SR content
 A TID 1500 Imaging Measurement Report (Comprehensive 3D SR) observed by the algorithm as a device:
 
 * when the model gives a verdict, one TID 1501 measurement group ("study classification") with the
-  study's score (DCM 122157 *Probability*, UCUM ``1``) and the decision as a qualitative evaluation
+  study's score (DCM 122157 *Probability* for a classifier, SCT 246262008 *Score* for a segmentation-only
+  model's lesion score, which is not a probability; UCUM ``1``) and the decision as a qualitative evaluation
   (DCM 121402 *Normality* = SCT *Abnormal* / *Normal*); the operating point and the weights' sha256 are
   recorded as algorithm parameters (TID 4019). A model of anatomy only gives no verdict, and the SR then
   has no such group: it never calls a scan normal or abnormal on the strength of a normal structure;
@@ -270,12 +272,15 @@ class Findings:
         decision: ``"abnormal"`` or ``"normal"`` (None: no verdict).
         threshold: operating point the decision was taken at (None: no verdict).
         segments: one entry per segmented class (reported only together with a SEG).
+        is_probability: the score is a probability of abnormality (a classifier's), coded as DCM
+            *Probability*; a segmentation-only model's lesion score is not, and is coded as SCT *Score*.
     """
 
     probability: float | None
     decision: str | None
     threshold: float | None
     segments: tuple[SegmentFinding, ...]
+    is_probability: bool = True
 
 
 # --- sources -----------------------------------------------------------------------------------------
@@ -661,13 +666,14 @@ def _category(kind: str) -> Code:
 
 def _property_type(name: str, kind: str = "lesion") -> Code:
     if kind == "anatomy":
-        # the SNOMED CT concept named like the label ("Hippocampus", "left kidney" -> LeftKidney), if any
+        # the segmentation property type (CID 7151, anatomic structures only: not a qualifier such as
+        # "Anterior" that happens to be a SNOMED concept too) named like the label, if any
         keyword = "".join(part[:1].upper() + part[1:] for part in re.split(r"[^A-Za-z0-9]+", name) if part)
-        try:
-            code = getattr(codes.SCT, keyword)
-        except AttributeError:
-            return codes.SCT.AnatomicalStructure
-        return code if isinstance(code, Code) else codes.SCT.AnatomicalStructure
+        if keyword in codes.cid7151.dir():
+            code = getattr(codes.cid7151, keyword)
+            if isinstance(code, Code):
+                return code
+        return codes.SCT.AnatomicalStructure
     return _PROPERTY_TYPES.get(name.strip().lower(), codes.SCT.Lesion)
 
 
@@ -865,7 +871,7 @@ def _classification_group(
     """TID 1501 group: probability of abnormality and the decision."""
     assert findings.probability is not None  # only called with a verdict (checked in _check_findings)
     probability = hd.sr.Measurement(
-        name=codes.DCM.Probability,
+        name=codes.DCM.Probability if findings.is_probability else codes.SCT.Score,
         value=round(float(findings.probability), PROBABILITY_DECIMALS),
         unit=codes.UCUM.NoUnits,
     )

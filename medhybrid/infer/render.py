@@ -380,12 +380,16 @@ def report_html(report: dict[str, Any], slices: list[dict[str, Any]], card: dict
     return _page(f"medhybrid report {report['study_key']}", "\n".join(parts))
 
 
+def _threshold_text(threshold: float | None) -> str:
+    return "no verdict (anatomy)" if threshold is None else f"threshold {threshold:.3f}"
+
+
 def index_html(rows: Sequence[dict[str, Any]], failed: Sequence[dict[str, Any]], meta: dict[str, Any]) -> bytes:
     """The worklist: studies by descending probability, then the failures with their reasons."""
     parts = [
         "<h1>medhybrid worklist</h1>",
         f'<div class="muted">{len(rows)} studies reported, {len(failed)} failed · model {_e(meta.get("model"))} · '
-        f"threshold {meta.get('threshold', 0):.3f} · input {_e(meta.get('input'))}</div>",
+        f"{_threshold_text(meta.get('threshold'))} · input {_e(meta.get('input'))}</div>",
         '<div class="banner">Research use only: sorted by the study score (probability of abnormality) for '
         "review.</div>",
         "<table><tr><th>#</th><th>Image</th><th>Study</th><th>Score</th><th>Decision</th>"

@@ -275,6 +275,18 @@ def _names(value: Any, key: str, side: Path) -> dict[int, str]:
     return dict(sorted(names.items()))
 
 
+def pseudonymous_patients(rows: Iterable[ManifestRow]) -> list[ManifestRow]:
+    """Copies of ``rows`` whose ``patient_id`` is replaced by ``patient_00001``, ``patient_00002``, ... in
+    order of first appearance: the grouping survives (folds, clustered CIs) but no identifier is copied
+    into the manifests medhybrid writes for its own runs (cross-validation folds, held-out splits)."""
+    alias: dict[str, str] = {}
+    out = []
+    for r in rows:
+        pid = alias.setdefault(r.patient_id, f"patient_{len(alias) + 1:05d}") if r.patient_id else None
+        out.append(ManifestRow(r.study_id, r.image, r.label, r.mask, r.split, dict(r.extra), patient_id=pid))
+    return out
+
+
 # --- writing -----------------------------------------------------------------------------------
 
 

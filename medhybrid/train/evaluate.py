@@ -29,7 +29,7 @@ from monai.transforms import Compose
 from torch import nn
 
 from medhybrid.config import EvalConfig, MinSensitivity, PipelineConfig
-from medhybrid.data.transforms import IMAGE, LABEL, MASK
+from medhybrid.data.transforms import IMAGE, LABEL, MASK, VOXEL_ML
 from medhybrid.evaluate.segmentation import dice_with_empty_rule
 from medhybrid.evaluate.study_score import lesion_score, reference_abnormal
 from medhybrid.runtime import autocast
@@ -57,8 +57,6 @@ class Validator:
         self.num_classes, self.seg_classes = num_classes, seg_classes
         # segmentation-only models with lesion labels: a study score per study (no classifier)
         self.lesions = list(lesions) if cfg.data.task == "segmentation" else []
-        spacing = cfg.data.spacing or (1.0,) * cfg.data.spatial_dims  # the model grid's voxels
-        self.voxel_ml = float(np.prod(spacing)) / 1000.0
         self.indices = list(range(info.rank, len(items), info.world_size))
         mine = [items[i] for i in self.indices]
         self.data: Any = (
@@ -105,7 +103,8 @@ class Validator:
             record["dice"] = dice_with_empty_rule(pred, mask, self.seg_classes)
             if self.lesions:
                 probs = torch.softmax(out["seg_logits"][0], 0)
-                record["score"] = lesion_score(probs, self.lesions, self.voxel_ml, self.cfg.eval.min_lesion_ml)
+                voxel_ml = float(sample[VOXEL_ML])  # the model grid's voxel, as inference measures it
+                record["score"] = lesion_score(probs, self.lesions, voxel_ml, self.cfg.eval.min_lesion_ml)
                 record["label"] = int(reference_abnormal(mask, self.lesions))
         record["loss"] = float(self.loss(out, batch).item())
         return record

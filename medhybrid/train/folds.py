@@ -15,8 +15,10 @@ out-of-fold predictions are pooled into one report with CIs (``RUN/cv``: metrics
 report.html; :mod:`medhybrid.evaluate.crossval`). ``RUN/ensemble.json`` lists the fold models:
 ``medhybrid infer --model RUN`` averages them.
 
-The folds are written to ``RUN/folds.json`` (study ids only, no patient ids); ``--resume`` continues a
-killed run fold by fold and refuses a different assignment.
+The folds are written to ``RUN/folds.json`` (study ids only, no patient ids; the fold manifests carry
+pseudonyms in place of patient ids); ``--resume`` continues a killed run fold by fold and refuses a
+different assignment. Under torchrun every rank trains the folds together and rank 0 alone evaluates
+and pools them.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ import numpy as np
 
 from medhybrid.config import PipelineConfig
 from medhybrid.errors import ConfigError, TrainingError
-from medhybrid.io.manifest import Manifest, ManifestRow, read_manifest, write_manifest
+from medhybrid.io.manifest import Manifest, ManifestRow, pseudonymous_patients, read_manifest, write_manifest
 from medhybrid.train import records
 from medhybrid.train.checkpoint import sha256_file
 from medhybrid.train.data import load_task_data
+from medhybrid.train.distributed import from_env
 from medhybrid.train.loop import EpochCallback, train
 
 logger = logging.getLogger(__name__)
@@ -80,7 +83,8 @@ def assign_folds(rows: list[ManifestRow], k: int, seed: int) -> dict[str, int]:
 
 
 def fold_rows(pooled: list[ManifestRow], assignment: dict[str, int], k: int, fold: int) -> list[ManifestRow]:
-    """The rows of fold ``fold``'s manifest: test = ``fold``, val = ``fold + 1``, train = the rest."""
+    """The rows of fold ``fold``'s manifest: test = ``fold``, val = ``fold + 1``, train = the rest
+    (patients pseudonymised: run folders are shared as models)."""
 
     def split_of(r: ManifestRow) -> str:
         f = assignment[r.study_id]
@@ -88,7 +92,7 @@ def fold_rows(pooled: list[ManifestRow], assignment: dict[str, int], k: int, fol
 
     return [
         ManifestRow(r.study_id, r.image, r.label, r.mask, split_of(r), dict(r.extra), patient_id=r.patient_id)
-        for r in pooled
+        for r in pseudonymous_patients(pooled)
     ]
 
 
@@ -169,6 +173,8 @@ def train_folds(
         again = (fold_dir / records.LAST_FILE).is_file()
         say(f"fold {fold}: {'resuming' if again else 'training'} ({len(assignment)} studies, test = fold {fold})")
         train(fold_cfg, fold_dir, resume=again, on_epoch=on_epoch)
+    if not from_env().is_main:  # under torchrun, rank 0 alone evaluates and writes the pooled report
+        return CVResult(run_dir, k, fold_dirs, {})
     say("evaluating every fold model on its held-out fold")
     metrics = pooled_evaluation(run_dir, fold_dirs, cfg, n_boot=n_boot, on_event=say)
     return CVResult(run_dir, k, fold_dirs, metrics)

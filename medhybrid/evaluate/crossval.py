@@ -100,6 +100,8 @@ def pooled_evaluation(
     }
     per_fold = [_fold_summary(k, res.metrics) for k, res in enumerate(results)]
     result["per_fold"] = per_fold
+    seconds = [res.metrics["seconds_per_study"] for res in results if res.metrics.get("seconds_per_study")]
+    result["seconds_per_study"] = float(np.median(seconds)) if seconds else None
     scored = [(k, r) for k, r in ok if r.label is not None and r.score is not None]
     ensemble_fit: Fitted | None = None
     if scored and all("classification" in res.metrics for res in results):

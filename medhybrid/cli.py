@@ -646,7 +646,8 @@ def compare_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Train and evaluate several models under the same data, budget and seeds; write compare.md/csv/json/png."""
-    from medhybrid.evaluate.compare import CompareOptions, compare, markdown_table, parse_model_args
+    from medhybrid.evaluate.compare import CompareOptions, compare, parse_model_args
+    from medhybrid.evaluate.compare_table import markdown_table
     from medhybrid.runtime import configure_threads
 
     configure_threads()

@@ -220,7 +220,7 @@ def test_compare_never_reports_on_the_split_it_selects_on(cohort: Path, tmp_path
     with pytest.raises(ConfigError, match="select"):
         compare(pipe, tmp_path / "bad", CompareOptions(models=["hybrid_tiny_2d"], split="val"))
     # a test split that the pipeline selects on is not a reporting split
-    from medhybrid.evaluate.compare import choose_protocol
+    from medhybrid.evaluate.protocols import choose_protocol
 
     swapped = CompareOptions(models=["hybrid_tiny_2d"], overrides=["data.val_split=test"])
     protocol = choose_protocol(cohort_pipe(cohort, tmp_path), swapped, tmp_path / "swap")

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import io
 import json
 import logging
 import math
@@ -54,8 +53,10 @@ import yaml
 from medhybrid.config import PipelineConfig, load_pipeline
 from medhybrid.errors import ConfigError
 from medhybrid.evaluate import bootstrap as B
+from medhybrid.evaluate.compare_table import csv_table, markdown_table, plot
+from medhybrid.evaluate.protocols import Protocol, choose_protocol
 from medhybrid.evaluate.runner import PREDICTIONS_FILE, EvaluateOptions, evaluate
-from medhybrid.io.manifest import Manifest, ManifestRow, pseudonymous_patients, read_manifest, write_manifest
+from medhybrid.io.manifest import read_manifest
 from medhybrid.io.writers import atomic_write_bytes
 from medhybrid.models.profile import forward_gflops
 from medhybrid.train import train
@@ -114,69 +115,6 @@ def model_spec(entry: str) -> tuple[str, str]:
     different ``--model-args`` (e.g. ``resnet_only=hybrid_r18_3d`` with ``context_depth: 0``)."""
     label, sep, name = entry.partition("=")
     return (label.strip(), name.strip()) if sep else (entry.strip(), entry.strip())
-
-
-@dataclass
-class Protocol:
-    """Where a comparison reports (module docstring): the studies no model trained or selected on.
-
-    Attributes:
-        name: ``out-of-fold``, ``test`` (a split of the manifest) or ``held-out``.
-        split: the reported split (``test`` of the held-out manifest for ``held-out``).
-        calibration_split: the split temperature and threshold are fitted on (the selection split).
-        overrides: pipeline overrides every run gets (the held-out manifest and its splits).
-        manifest: the manifest the runs use.
-    """
-
-    name: str
-    split: str
-    calibration_split: str
-    overrides: list[str]
-    manifest: Path
-
-
-def choose_protocol(pipeline: Path, options: CompareOptions, out: Path) -> Protocol:
-    """The reporting protocol (module docstring); writes the held-out manifest when it is needed.
-
-    Raises:
-        ConfigError: ``--split`` names the training or the selection split, or a split the manifest lacks.
-    """
-    base = load_pipeline(pipeline, options.overrides)
-    data = base.data
-    manifest = read_manifest(data.manifest)
-    if options.folds is not None:
-        return Protocol("out-of-fold", "out-of-fold", "inner validation folds", [], data.manifest)
-    if options.split in (data.train_split, data.val_split):
-        raise ConfigError(
-            f"--split {options.split}: the runs train or select their epoch on it, so its figures would be optimistic",
-            fix="leave --split out (test split, or the held-out protocol), or use --folds K",
-        )
-    if options.split is not None:
-        if not manifest.split(options.split):
-            raise ConfigError(f"--split {options.split}: the manifest has no such split ({manifest.splits()})")
-        return Protocol("test", options.split, data.val_split, [], data.manifest)
-    if manifest.split("test") and "test" not in (data.train_split, data.val_split):
-        return Protocol("test", "test", data.val_split, [], data.manifest)
-    path = holdout_manifest(manifest, data.train_split, data.val_split, base.runtime.seed, out / "holdout")
-    overrides = [f"data.manifest={path.resolve()}", "data.train_split=train", "data.val_split=val"]
-    return Protocol("held-out", "test", "val", overrides, path)
-
-
-def holdout_manifest(manifest: Manifest, train_split: str, val_split: str, seed: int, folder: Path) -> Path:
-    """``folder/manifest.csv``: the ``val_split`` studies become ``test`` (reported), one fifth of the
-    ``train_split`` studies (stratified, grouped by patient) becomes the inner ``val`` (selection), the
-    rest stays ``train``."""
-    from medhybrid.train.folds import assign_folds
-
-    train_rows = manifest.split(train_split)
-    fold = assign_folds(train_rows, 5, seed)
-    split_of = {r.study_id: "val" if fold[r.study_id] == 0 else "train" for r in train_rows}
-    split_of.update({r.study_id: "test" for r in manifest.split(val_split)})
-    rows = [
-        ManifestRow(r.study_id, r.image, r.label, r.mask, split_of[r.study_id], dict(r.extra), patient_id=r.patient_id)
-        for r in pseudonymous_patients([r for r in manifest.rows if r.study_id in split_of])
-    ]
-    return write_manifest(folder / "manifest.csv", rows, sidecar=dict(manifest.sidecar))
 
 
 def run_config(
@@ -455,87 +393,3 @@ def _paired_deltas(
             out[model] = {"metric": "dice", **delta}
         out[model]["n_studies"] = len(ids)
     return out
-
-
-def _fmt_ci(e: dict[str, Any] | None, d: int = 3) -> str:
-    if not e or e.get("value") is None or not math.isfinite(e["value"]):
-        return "n/a"
-    sd = f" ±{e['seed_sd']:.{d}f}" if len(e.get("seeds", [])) > 1 else ""
-    return f"{e['value']:.{d}f} ({e['ci_low']:.{d}f}-{e['ci_high']:.{d}f}){sd}"
-
-
-def _columns(result: dict[str, Any]) -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
-    def f(key: str, d: int = 3) -> Callable[[dict[str, Any]], str]:
-        return lambda r: "n/a" if r.get(key) is None else f"{r[key]:.{d}f}"
-
-    def delta(r: dict[str, Any]) -> str:
-        e = r.get("delta_vs_first")
-        if not e:
-            return "(reference)"
-        return f"{e['value']:+.3f} ({e['ci_low']:+.3f} to {e['ci_high']:+.3f})"
-
-    if result["task"] == "classification":
-        metric = [
-            ("AUROC (95 % CI) ±seed sd", lambda r: _fmt_ci(r["auroc"])),
-            ("ΔAUROC vs " + result["reference"], delta),
-            ("accuracy", f("accuracy")),
-            ("F1", f("f1")),
-            ("sens.", f("sensitivity")),
-            ("spec.", f("specificity")),
-        ]
-    else:
-        metric = [
-            ("Dice (95 % CI) ±seed sd", lambda r: _fmt_ci(r["dice"])),
-            ("ΔDice vs " + result["reference"], delta),
-            ("HD95 mm", lambda r: _fmt_ci(r["hd95"], 2)),
-            ("NSD", lambda r: _fmt_ci(r["nsd"])),
-        ]
-    return [
-        ("model", lambda r: f"`{r['model']}`"),
-        *metric,
-        ("params (M)", lambda r: f"{r['params'] / 1e6:.2f}"),
-        ("GFLOPs", lambda r: "n/a" if r.get("gflops") is None else f"{r['gflops']:.3g}"),
-        ("latency ms", f("latency_ms", 1)),
-        ("train min", lambda r: "n/a" if r["train_seconds"] is None else f"{r['train_seconds'] / 60:.1f}"),
-        ("s/study", f("seconds_per_study", 3)),
-    ]
-
-
-def markdown_table(result: dict[str, Any]) -> str:
-    cols = _columns(result)
-    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fn(r) for _, fn in cols) + " |" for r in result["rows"]]
-    return "\n".join(lines) + "\n"
-
-
-def csv_table(result: dict[str, Any]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    cols = _columns(result)
-    w.writerow([c for c, _ in cols])
-    for r in result["rows"]:
-        w.writerow([fn(r).strip("`") for _, fn in cols])
-    return buf.getvalue()
-
-
-def plot(result: dict[str, Any]) -> bytes:
-    """Task metric with its CI per model, and the metric against training time."""
-    from medhybrid.plotting import PngFigure
-
-    key = "auroc" if result["task"] == "classification" else "dice"
-    rows = result["rows"]
-    with PngFigure(1, 2, figsize=(9, 3.6), dpi=110) as f:
-        a1, a2 = f.axes
-        vals = [r[key]["value"] for r in rows]
-        err = [[r[key]["value"] - r[key]["ci_low"] for r in rows], [r[key]["ci_high"] - r[key]["value"] for r in rows]]
-        a1.bar(range(len(rows)), vals, yerr=err, capsize=4, color="#4c72b0")
-        a1.set_xticks(range(len(rows)), [r["model"] for r in rows], rotation=20, ha="right", fontsize=7)
-        lo = min(r[key]["ci_low"] for r in rows)
-        a1.set(ylim=(max(0.0, lo - 0.05), 1.0), ylabel=key, title=f"{key} on {result['split']} (95 % CI)")
-        for r in rows:
-            a2.scatter([(r["train_seconds"] or 0) / 60], [r[key]["value"]])
-            a2.annotate(r["model"], ((r["train_seconds"] or 0) / 60, r[key]["value"]), fontsize=7)
-        a2.set(xlabel="training minutes", ylabel=key, title="metric vs training time")
-        for ax in (a1, a2):
-            ax.grid(alpha=0.3)
-        return f.png()

@@ -1,0 +1,319 @@
+"""One study's outputs: its prediction mapped back onto the scan, measured, and written as report.json,
+report.html, thumbnail, mask and saliency NIfTI, and DICOM SEG/SR, into a partial folder that becomes
+the study's folder only when complete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medhybrid import __version__
+from medhybrid.errors import InferenceError
+from medhybrid.infer.predictor import Prediction, Predictor
+from medhybrid.infer.render import DisplayFrame, render_panels, report_html, window_for
+from medhybrid.infer.report import (
+    Lesion,
+    ModelInfo,
+    OperatingPoint,
+    Outputs,
+    QCFlag,
+    Saliency,
+    Source,
+    Structure,
+    StudyReport,
+    jsonable,
+    measure_lesions,
+)
+from medhybrid.infer.resample import argmax_labels, to_native_many, to_uint8
+from medhybrid.infer.tasks import InferOptions, StudyTask
+from medhybrid.io.dicom import DicomSeries
+from medhybrid.io.study import Study
+from medhybrid.io.writers import atomic_write_bytes, nifti_bytes
+
+REPORT_FILE = "report.json"
+PATIENT_KEYS = ("PatientName", "PatientID", "PatientBirthDate")  # read only with --include-phi
+# Below this share of the scan inside the model's input, the report warns that the rest was not assessed.
+FIELD_OF_VIEW_WARN = 0.95
+PARTIAL_PREFIX = ".partial-"
+OLD_PREFIX = ".old-"
+SALIENCY_DESCRIPTIONS = {
+    "gradcam": "Grad-CAM on the encoder's last stage; uint8 with scl_slope 1/255, so readers see [0, 1]",
+    "attention": "attention rollout of the Transformer; uint8 with scl_slope 1/255, so readers see [0, 1]",
+}
+
+
+def finish_study(
+    task: StudyTask,
+    study: Study,
+    pred: Prediction,
+    timing: tuple[float, str],
+    predictor: Predictor,
+    out: Path,
+    options: InferOptions,
+    key: str,
+) -> tuple[StudyReport, dict[str, float]]:
+    """Map the prediction back to the scan, measure, write every file, move the study folder into place.
+
+    Args:
+        timing: the seconds loading took, and the study's source as the report shows it.
+        key: the run key (:func:`medhybrid.infer.worklist.run_key`) the report records.
+    """
+    t_load, source = timing
+    t1 = time.perf_counter()
+    maps: list[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], type]] = [
+        (v, to_uint8, np.uint8) for v in pred.saliency.values()
+    ]
+    if pred.seg_probs is not None:
+        maps.append((pred.seg_probs, argmax_labels, np.uint8))
+    coverage: list[float] = []
+    native = to_native_many(maps, pred.affine, pred.native_affine, study.spatial_shape, coverage=coverage)
+    saliency = dict(zip(pred.saliency, native, strict=False))
+    labels = native[-1] if pred.seg_probs is not None else None
+    t_resample = time.perf_counter() - t1
+    partial = out / f"{PARTIAL_PREFIX}{task.key}"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir()
+    t2 = time.perf_counter()
+    report = _build_report(task, study, pred, predictor, labels, saliency, source, options)
+    report.run_key = key
+    if coverage and coverage[0] < FIELD_OF_VIEW_WARN:
+        report.qc.append(
+            QCFlag(
+                level="warn",
+                code="partial_field_of_view",
+                message=f"the model saw {coverage[0]:.1%} of the scan (its input is the training crop "
+                f"{predictor.data_cfg.spatial_size} at {predictor.data_cfg.spacing} mm); the rest was not assessed",
+            )
+        )
+        report.qc_verdict = "warn" if report.qc_verdict == "ok" else report.qc_verdict
+    _write_outputs(partial, task, study, report, predictor, labels, saliency, options)
+    timings = {
+        "load": t_load,
+        "preprocess": pred.timings["preprocess"],
+        "model": pred.timings["model"],
+        "resample": t_resample,
+        "write": time.perf_counter() - t2,
+    }
+    timings["total"] = sum(timings.values())
+    report.timings_s = {k: round(v, 4) for k, v in timings.items()}
+    atomic_write_bytes(partial / REPORT_FILE, report.to_json())
+    _commit(partial, out / task.key)
+    return report, timings
+
+
+def check_dims(study: Study, predictor: Predictor, task: StudyTask) -> None:
+    if predictor.data_cfg.spatial_dims == 2 and not study.is_2d:
+        raise InferenceError(
+            f"the model is 2D and the study is a volume of {study.spatial_shape[2]} slices",
+            path=task.source,
+            fix="use a 3D model for volumes, or give single-slice images",
+        )
+
+
+def _commit(partial: Path, final: Path) -> None:
+    """Move a complete study folder into place (replacing an old one only after the new one exists)."""
+    if final.exists():
+        old = final.with_name(f"{OLD_PREFIX}{final.name}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+
+
+def _qc_flags(study: Study, predictor: Predictor) -> list[QCFlag]:
+    flags = [QCFlag(level=r.level.value, code=r.code, message=r.message) for r in study.qc.reasons]
+    if predictor.score_method is not None and "none stored" in str(predictor.operating_point.get("method")):
+        flags.append(
+            QCFlag(
+                level="warn",
+                code="no_operating_point",
+                message=f"the checkpoint stores no operating point; threshold {predictor.threshold} is a default",
+            )
+        )
+    expected = predictor.data_cfg.modality
+    if expected and study.modality not in ("OT", expected):
+        flags.append(
+            QCFlag(
+                level="warn",
+                code="modality_mismatch",
+                message=f"the model was trained on {expected}, this study is {study.modality}",
+            )
+        )
+    return flags
+
+
+def _build_report(
+    task: StudyTask,
+    study: Study,
+    pred: Prediction,
+    predictor: Predictor,
+    labels: np.ndarray | None,
+    saliency: dict[str, np.ndarray],
+    source: str,
+    options: InferOptions,
+) -> StudyReport:
+    lesions: list[Lesion] = []
+    structures: list[Structure] = []
+    if labels is not None:
+        n_seg = int(pred.seg_probs.shape[0]) if pred.seg_probs is not None else 2
+        names = predictor.mask_label_names or {i: f"class {i}" for i in range(n_seg)}
+        for seg in measure_lesions(labels, study.spacing, names):
+            if predictor.mask_kinds.get(seg.label, "lesion") == "anatomy":
+                structures.append(Structure(**seg.model_dump()))
+            else:
+                lesions.append(seg)
+    flags = _qc_flags(study, predictor)
+    verdict = max((f.level for f in flags), key=("ok", "warn", "reject").index, default="ok")
+    class_probs = None
+    if pred.class_probs is not None:
+        class_probs = {
+            predictor.label_names.get(i, f"class {i}"): round(float(p), 6) for i, p in enumerate(pred.class_probs)
+        }
+    probability = decision = operating_point = None
+    if pred.probability is not None:  # a model of anatomy only gives no score and no verdict
+        probability = round(min(max(pred.probability, 0.0), 1.0), 6)
+        decision = "abnormal" if pred.probability >= predictor.threshold else "normal"
+        op = {k: v for k, v in jsonable(predictor.operating_point).items() if k in OperatingPoint.model_fields}
+        operating_point = OperatingPoint(**op)
+    return StudyReport(
+        study_key=task.key,
+        probability=probability,
+        score_method=predictor.score_method if probability is not None else None,
+        decision=decision,
+        operating_point=operating_point,
+        class_probabilities=class_probs,
+        lesions=lesions,
+        structures=structures,
+        qc=flags,
+        qc_verdict=verdict,
+        model=ModelInfo(
+            name=predictor.model_name,
+            weights_sha256=predictor.weights_sha256,
+            checkpoint=predictor.path.name,
+            task=predictor.task,
+            medhybrid_version=__version__,
+            temperature=predictor.temperature,
+        ),
+        source=Source(
+            format=study.source_format,
+            path=source,
+            modality=study.modality,
+            shape=list(study.shape),
+            spacing_mm=[round(s, 6) for s in study.spacing],
+            series_uid=study.series_uid,
+            description=str(study.metadata.get("SeriesDescription"))
+            if study.metadata.get("SeriesDescription")
+            else None,
+            manifest_id=task.manifest_id,
+        ),
+        outputs=Outputs(
+            mask="mask.nii.gz" if labels is not None else None,
+            saliency=[
+                Saliency(method=m, file=f"saliency_{m}.nii.gz", description=SALIENCY_DESCRIPTIONS[m]) for m in saliency
+            ],
+            dicom_seg="seg.dcm" if labels is not None and task.series is not None and options.dicom_outputs else None,
+            dicom_sr="sr.dcm" if task.series is not None and options.dicom_outputs else None,
+        ),
+        timings_s={},
+        tta=predictor.tta,
+        patient=_patient(task) if options.include_phi else None,
+    )
+
+
+def _patient(task: StudyTask) -> dict[str, str] | None:
+    """PatientName/ID/BirthDate of a DICOM study (only called with --include-phi)."""
+    if task.series is None:
+        return None
+    import pydicom
+
+    ds = pydicom.dcmread(
+        task.series.headers[0].path,
+        stop_before_pixels=True,
+        specific_tags=list(PATIENT_KEYS),
+    )
+    return {k: str(ds.get(k, "")) for k in PATIENT_KEYS}
+
+
+def _write_outputs(
+    folder: Path,
+    task: StudyTask,
+    study: Study,
+    report: StudyReport,
+    predictor: Predictor,
+    labels: np.ndarray | None,
+    saliency: dict[str, np.ndarray],
+    options: InferOptions,
+) -> None:
+    if labels is not None:
+        atomic_write_bytes(
+            folder / "mask.nii.gz", nifti_bytes(labels, study.affine, description="medhybrid mask", compresslevel=1)
+        )
+    for method, values in saliency.items():
+        atomic_write_bytes(
+            folder / f"saliency_{method}.nii.gz",
+            nifti_bytes(values, study.affine, description=f"medhybrid {method}", compresslevel=1, slope=1.0 / 255.0),
+        )
+    if task.series is not None and options.dicom_outputs:
+        _write_dicom(folder, task.series, report, predictor, labels, options)
+    frame = DisplayFrame(study.affine, study.spacing, two_d=study.is_2d, reorient=study.source_format != "medmnist")
+    window = window_for(study.modality, predictor.data_cfg.intensity, study.array)
+    kinds = set(predictor.mask_kinds.values())
+    mask_title = "Anatomy mask" if kinds == {"anatomy"} else "Lesion mask" if kinds == {"lesion"} else "Mask"
+    slices, thumb = render_panels(study.array, labels, saliency, frame, window, mask_title)
+    atomic_write_bytes(folder / "thumb.png", thumb)
+    atomic_write_bytes(folder / "report.html", report_html(report.model_dump(mode="json"), slices, predictor.card))
+
+
+def _write_dicom(
+    folder: Path,
+    series: DicomSeries,
+    report: StudyReport,
+    predictor: Predictor,
+    labels: np.ndarray | None,
+    options: InferOptions,
+) -> None:
+    from medhybrid.infer.dicom_out import AlgorithmInfo, Findings, SegmentFinding, source_datasets, write_seg, write_sr
+
+    algorithm = AlgorithmInfo(
+        name=f"medhybrid {predictor.model_name}",
+        version=f"{__version__}+{predictor.weights_sha256[:8]}",
+        weights_sha256=predictor.weights_sha256,
+    )
+    sources = source_datasets(series.headers)
+    seg = None
+    if labels is not None:
+        names = {k: v for k, v in predictor.mask_label_names.items() if k != 0} or {1: "lesion"}
+        seg = write_seg(
+            labels,
+            series.headers,
+            names,
+            algorithm,
+            folder / "seg.dcm",
+            include_phi=options.include_phi,
+            sources=sources,
+            segment_kinds=predictor.mask_kinds,
+        )
+    measured = [(les, "lesion") for les in report.lesions] + [(st, "anatomy") for st in report.structures]
+    findings = Findings(
+        is_probability=report.score_method in (None, "classifier"),
+        probability=report.probability,
+        decision=report.decision,
+        threshold=report.operating_point.threshold if report.operating_point is not None else None,
+        segments=tuple(
+            SegmentFinding(label=m.label, name=m.name, volume_ml=m.volume_ml, components=m.components, kind=kind)
+            for m, kind in sorted(measured, key=lambda x: x[0].label)
+        ),
+    )
+    write_sr(
+        findings, series.headers, seg, algorithm, folder / "sr.dcm", include_phi=options.include_phi, sources=sources
+    )

@@ -54,7 +54,8 @@ bench: install
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/models.py --json
 
-# Training benchmark (tens of minutes on 2 cores): needs `make manifests` and ../shared/data.
+# Training benchmark: 5-fold cross-validation (out-of-fold figures) of the shipped pipelines, about two hours on
+# 2 cores; needs `make manifests` and ../shared/data.
 bench-train: install
 	$(PY) benchmarks/train.py
 

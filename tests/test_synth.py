@@ -48,6 +48,7 @@ def test_layout_and_manifest(cohort: Path) -> None:
     assert sidecar == {
         "label_names": {"0": "normal", "1": "abnormal"},
         "mask_label_names": {"0": "background", "1": "lesion"},
+        "mask_kind": "lesion",
         "task": "multitask",
         "source": "medhybrid synth",
         "seed": 0,

@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 SHARED_DATA ?= ../shared/data
 DEMO_OUT ?= demo_out
 
-.PHONY: install browser demo test test-slow lint bench bench-train bench-infer bench-compare manifests clean
+.PHONY: install browser demo test test-slow fuzz lint bench bench-train bench-infer bench-compare manifests clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,14 @@ demo: install
 
 test: install browser
 	$(PY) -m pytest -q
+
+# The long fuzzing campaign (tests/fuzz/harness.py): 20,000 mutated real DICOM/NIfTI files, each bounded by
+# 10 s and 2 GiB; prints the outcome counts and exits non-zero on any uncaught error, hang or crash (their
+# replayable specs go to fuzz_failures.json: add them to tests/fuzz/regressions.json once fixed).
+FUZZ_CASES ?= 20000
+FUZZ_SEED ?= 1
+fuzz: install
+	$(PY) -m tests.fuzz.harness --cases $(FUZZ_CASES) --seed $(FUZZ_SEED) --workers 2 --shared $(SHARED_DATA)
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

@@ -84,6 +84,12 @@ class PreprocessingError(InputError):
     code = "preprocessing"
 
 
+class InvalidGeometryError(InputError):
+    """An image's voxel-to-world matrix is not a usable grid: not finite, singular, sheared, or absurd sizes."""
+
+    code = "invalid_geometry"
+
+
 class GeometryMismatchError(InputError):
     """Two images that must share a world frame (a study and its reference mask) do not overlap."""
 

@@ -223,9 +223,9 @@ def test_a_transform_failure_is_a_typed_error_naming_the_file() -> None:
     cfg = DataConfig.model_validate(
         {"manifest": "m.csv", "spatial_dims": 3, "spacing": [1.0, 1.0, 1.0], "spatial_size": [8, 8, 8]}
     )
-    # a header claiming 1 km voxels: resampling it to 1 mm asks for ~700 GB
+    # a header claiming 10 m voxels (the largest a Study accepts is 100 m): resampling to 1 mm asks for ~256 TB
     study = Study(
-        "s", np.zeros((4, 4, 4), np.float32), np.diag([1e9, 1.0, 1.0, 1.0]), "CT", Path("tiny.nii.gz"), "nifti"
+        "s", np.zeros((4, 4, 4), np.float32), np.diag([1e4, 1e4, 1e4, 1.0]), "CT", Path("tiny.nii.gz"), "nifti"
     )
     with pytest.raises(PreprocessingError, match="tiny.nii.gz") as info:
         apply(build_transforms(cfg, "infer"), {IMAGE: study})

@@ -8,8 +8,8 @@ pixel data of one series into a :class:`~medhybrid.io.study.Study` (rescale appl
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,9 @@ from medhybrid.io.geometry import IngestOptions, SeriesGeometry, series_geometry
 from medhybrid.io.study import LPS_TO_RAS, QCReport, Study, Verdict, spacing_from_affine, study_key
 
 logger = logging.getLogger(__name__)
+
+HEADER_TAGS_WITH_PIXEL_LENGTH = [*HEADER_TAGS, "PixelData"]
+DEFER_BYTES = 1024
 
 
 @dataclass
@@ -131,10 +134,17 @@ def discover_dicom(
             continue
         try:
             keep = budget > 0
-            ds = read_dataset(path, tags=HEADER_AND_PIXEL_TAGS if keep else HEADER_TAGS, forced=kind == "maybe")
+            # the header pass defers Pixel Data (its length is checked against the file, not read) unless the
+            # file is kept for a single-pass load
+            ds = read_dataset(
+                path,
+                tags=HEADER_AND_PIXEL_TAGS if keep else HEADER_TAGS_WITH_PIXEL_LENGTH,
+                forced=kind == "maybe",
+                defer_size=None if keep else DEFER_BYTES,
+            )
             file_headers = slice_headers(ds, path, metadata_cache)
             if keep and "PixelData" in ds:
-                budget -= len(ds.PixelData)
+                budget -= len(ds.PixelData or b"")
                 for h in file_headers:
                     h.dataset = ds
             headers.extend(file_headers)
@@ -142,14 +152,72 @@ def discover_dicom(
             out.skipped.append(FileProblem(path, exc.code, exc.message))
         except MedHybridError as exc:
             out.rejected.append(FileProblem(path, exc.code, exc.message))
-    out.series = group_series(headers, options)
+    headers, duplicates, copies = drop_duplicates(headers)
+    out.skipped.extend(duplicates)
+    out.series = group_series(headers, options, copies)
     return out
 
 
-def group_series(headers: list[SliceHeader], options: IngestOptions | None = None) -> list[DicomSeries]:
-    """Group slice headers by (StudyInstanceUID, SeriesInstanceUID) and check each group's geometry."""
+def drop_duplicates(headers: list[SliceHeader]) -> tuple[list[SliceHeader], list[FileProblem], Counter[Path]]:
+    """Drop copies of an instance already seen: files with the same SOPInstanceUID whose bytes are identical
+    (a second copy in another folder), or a prefix of the other's (a partial copy). Different files that share
+    a SOPInstanceUID are kept: the geometry checks name them if they collide.
+
+    Returns:
+        the headers kept, the copies dropped (as skipped files), and how many copies each kept file had.
+    """
+    kept: list[SliceHeader] = []
+    first_file: dict[str, Path] = {}
+    dropped: dict[Path, FileProblem] = {}
+    copies: Counter[Path] = Counter()
+    for h in headers:
+        if h.path in dropped:
+            continue
+        original = first_file.setdefault(h.sop_uid, h.path) if h.sop_uid else h.path
+        if original != h.path:
+            relation = _copy_relation(original, h.path)
+            if relation is not None:
+                if relation == "shorter":  # the first one seen was the partial copy: keep the whole file
+                    kept = [k for k in kept if k.path != original]
+                    dropped[original] = FileProblem(original, "duplicate", f"partial copy of {h.path}")
+                    first_file[h.sop_uid] = h.path
+                    copies[h.path] += 1 + copies.pop(original, 0)
+                else:
+                    copies[original] += 1
+                    what = "identical copy" if relation == "same" else "partial copy"
+                    dropped[h.path] = FileProblem(h.path, "duplicate", f"{what} of {original} (same SOPInstanceUID)")
+                    continue
+        kept.append(h)
+    return kept, list(dropped.values()), copies
+
+
+def _copy_relation(a: Path, b: Path) -> str | None:
+    """``same`` when b's bytes equal a's, ``prefix`` when b is a truncated copy of a, ``shorter`` when a is a
+    truncated copy of b, else None. Only called for files that share a SOPInstanceUID."""
+    try:
+        da, db = a.read_bytes(), b.read_bytes()
+    except OSError:
+        return None
+    if da == db:
+        return "same"
+    if da.startswith(db):
+        return "prefix"
+    if db.startswith(da):
+        return "shorter"
+    return None
+
+
+def group_series(
+    headers: list[SliceHeader], options: IngestOptions | None = None, copies: Mapping[Path, int] | None = None
+) -> list[DicomSeries]:
+    """Group slice headers by (StudyInstanceUID, SeriesInstanceUID) and check each group's geometry.
+
+    Args:
+        copies: how many copies :func:`drop_duplicates` dropped of each file; a series says so in its QC.
+    """
     groups: dict[tuple[str, str], list[SliceHeader]] = defaultdict(list)
     notes: dict[tuple[str, str], list[str]] = defaultdict(list)
+    copies = copies or {}
     for h in headers:
         series_uid = h.series_uid or f"no-series-uid:{h.path.parent}"
         study_uid = h.study_uid or f"no-study-uid:{series_uid}"
@@ -162,6 +230,9 @@ def group_series(headers: list[SliceHeader], options: IngestOptions | None = Non
         s = DicomSeries(study_uid=study_uid, series_uid=series_uid, headers=members)
         for note in sorted(set(notes[(study_uid, series_uid)])):
             s.qc.warn("no_series_uid", note)
+        n_copies = sum(copies.get(f, 0) for f in s.files)
+        if n_copies:
+            s.qc.warn("duplicate_files", f"{n_copies} duplicate copies of this series' files ignored (same SOP UID)")
         check_series(s, options)
         series.append(s)
     series.sort(key=lambda s: (s.study_uid, _series_number(s), s.series_uid))
@@ -207,6 +278,29 @@ def read_pixels(path: Path, parsed: Dataset | None = None) -> tuple[Dataset, np.
     return ds, decode_frames(ds, path)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_rescale(
+    frames: np.ndarray, members: list[tuple[int, SliceHeader]], lo: float, hi: float, path: Path
+) -> None:
+    """Raise CorruptPixelDataError when rescaled voxels would not be finite float32 values: float pixel data
+    holding NaN/inf, or a slope/intercept that overflows (checked on the stored range, not voxel by voxel)."""
+    if frames.dtype.kind == "f":
+        if not np.isfinite(frames).all():
+            raise CorruptPixelDataError(
+                "the float pixel data holds NaN or infinite values", path=path, fix="re-export the image"
+            )
+        lo, hi = float(frames.min()), float(frames.max())
+    for _, h in members:
+        if max(abs(lo), abs(hi)) * abs(h.slope) + abs(h.intercept) >= FLOAT32_MAX:
+            raise CorruptPixelDataError(
+                f"RescaleSlope {h.slope:g} / RescaleIntercept {h.intercept:g} overflow the voxel values",
+                path=path,
+                fix="correct RescaleSlope/RescaleIntercept",
+            )
+
+
 def load_series(series: DicomSeries) -> Study:
     """Decode the pixel data of a checked series into a Study.
 
@@ -235,6 +329,7 @@ def load_series(series: DicomSeries) -> Study:
                 f"decoded frames are {frames.shape[1:3]}, header says {(first.rows, first.cols)}", path=path
             )
         lo, hi = stored_value_range(ds)
+        _check_rescale(frames, members, lo, hi, path)
         for index, h in members:
             out = volume[index]
             # rescale in float32, one pass when the slope is 1 (the usual CT case)

@@ -7,6 +7,7 @@ exception that names the file, so a batch (scan, infer) can record it and go on.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -18,11 +19,14 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
 from medhybrid.errors import (
+    CorruptPixelDataError,
     InvalidTagError,
+    MedHybridError,
     NotAnImageError,
     NotDicomError,
     TruncatedFileError,
@@ -162,12 +166,22 @@ class FileProblem:
 # --- discovery -----------------------------------------------------------------------------------
 
 
+# medhybrid marks every folder it writes (an ``infer`` output and each study folder in it) with this file, so
+# that its own masks, saliency maps and thumbnails are never read back as studies, wherever they are moved.
+OUTPUT_MARKER = ".medhybrid-output"
+
+
 def iter_files(root: Path) -> Iterator[Path]:
-    """Every regular file under ``root`` in a stable order, skipping hidden files and folders."""
+    """Every regular file under ``root`` in a stable order, skipping hidden files and folders and medhybrid's
+    own output folders (:data:`OUTPUT_MARKER`)."""
     if root.is_file():
         yield root
         return
     for dirpath, dirnames, filenames in os.walk(root):
+        if OUTPUT_MARKER in filenames:
+            logger.debug("%s: a medhybrid output folder, not read", dirpath)
+            dirnames[:] = []
+            continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if not name.startswith("."):
@@ -198,6 +212,17 @@ def sniff_dicom(path: Path) -> str:
 # --- parsing -------------------------------------------------------------------------------------
 
 
+FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def third_party_failure(exc: BaseException) -> bool:
+    """True for anything a parser or decoder may raise on bad bytes: every exception except the process's own
+    stop signals. Rust decoders (pylibjpeg-rle) panic with ``pyo3_runtime.PanicException``, a BaseException
+    that ``except Exception`` does not catch, so the two boundaries (header parse, pixel decode) catch
+    BaseException and let only these through."""
+    return not isinstance(exc, FATAL)
+
+
 @contextmanager
 def recorded_warnings() -> Iterator[list[warnings.WarningMessage]]:
     """Collect pydicom's warnings (invalid VRs, odd values) instead of printing them; they are
@@ -209,19 +234,22 @@ def recorded_warnings() -> Iterator[list[warnings.WarningMessage]]:
         logger.debug("pydicom: %s", w.message)
 
 
-def read_dataset(path: Path, *, tags: list[str] | None = None, forced: bool = False) -> Dataset:
+def read_dataset(
+    path: Path, *, tags: list[str] | None = None, forced: bool = False, defer_size: int | None = None
+) -> Dataset:
     """Parse ``path`` with pydicom, turning every failure into a typed error naming the file.
 
     Args:
         tags: parse only these keywords (others are skipped); ``None`` parses everything.
         forced: the file has no DICM preamble; parse it anyway and check it looks like a data set.
+        defer_size: values longer than this are not read (their length and offset are kept).
 
     Raises:
         NotDicomError, TruncatedFileError
     """
     with recorded_warnings() as caught:
         try:
-            ds = pydicom.dcmread(path, specific_tags=tags, force=forced)
+            ds = pydicom.dcmread(path, specific_tags=tags, force=forced, defer_size=defer_size)
         except InvalidDicomError as exc:
             raise NotDicomError(
                 f"not a DICOM file ({exc})", path=path, fix="remove it or re-export it as DICOM Part 10"
@@ -230,13 +258,30 @@ def read_dataset(path: Path, *, tags: list[str] | None = None, forced: bool = Fa
             raise TruncatedFileError(
                 f"file ends early ({exc})", path=path, fix="re-copy or re-export the file"
             ) from None
-        except Exception as exc:  # pydicom raises many types on garbage; all mean "cannot parse"
+        except BaseException as exc:  # pydicom raises many types on garbage; all mean "cannot parse"
+            if not third_party_failure(exc):
+                raise
             raise NotDicomError(
                 f"cannot be parsed as DICOM ({type(exc).__name__}: {exc})",
                 path=path,
                 fix="remove it or re-export it as DICOM Part 10",
             ) from None
-    texts = [str(w.message) for w in caught]
+    try:
+        return _checked(ds, path, forced, [str(w.message) for w in caught])
+    except MedHybridError:
+        raise
+    except BaseException as exc:  # values are converted lazily: the checks below read some (unknown VR, ...)
+        if not third_party_failure(exc):
+            raise
+        raise NotDicomError(
+            f"cannot be parsed as DICOM ({type(exc).__name__}: {str(exc)[:160]})",
+            path=path,
+            fix="remove it or re-export it as DICOM Part 10",
+        ) from None
+
+
+def _checked(ds: Dataset, path: Path, forced: bool, texts: list[str]) -> Dataset:
+    """The parsed data set, after the checks that tell a truncated file, a non-data-set and a DICOMDIR."""
     if any("End of file reached" in t or "delimiter" in t.lower() for t in texts):
         raise TruncatedFileError(
             "file ends before its data set does ("
@@ -253,24 +298,30 @@ def read_dataset(path: Path, *, tags: list[str] | None = None, forced: bool = Fa
         )
     if is_dicomdir(ds):
         raise NotAnImageError("a DICOMDIR index, not an image", path=path, fix="nothing to do: it is skipped")
+    meta = getattr(ds, "file_meta", None)
+    if meta and "TransferSyntaxUID" not in meta:
+        transfer_syntax_of(ds, path)  # a File Meta without a syntax: nothing after it parses reliably
     if len(ds) == 0:
-        meta = getattr(ds, "file_meta", None)
-        if meta is not None and "TransferSyntaxUID" not in meta:
-            transfer_syntax_of(ds, path)  # raises the clearer error
         raise TruncatedFileError("file holds no data elements", path=path, fix="re-copy the file")
     return ds
 
 
-def _tag(ds: Dataset, keyword: str, path: Path, cast: type, default: Any = None) -> Any:
+def image_tag(ds: Dataset, keyword: str, path: Path, cast: type, default: Any = None) -> Any:
     """Read one tag, cast it, and raise InvalidTagError (not ValueError) on garbage."""
     if keyword not in ds or ds[keyword].value in (None, ""):
         return default
     value = ds[keyword].value
     try:
         if cast is tuple:
-            return tuple(float(v) for v in value)
-        return cast(value)
-    except (TypeError, ValueError) as exc:
+            out = tuple(float(v) for v in (value if isinstance(value, (list, tuple, MultiValue)) else [value]))
+            if not all(math.isfinite(v) for v in out):
+                raise ValueError("not finite")
+            return out
+        result = cast(value)
+        if cast is float and not math.isfinite(result):
+            raise ValueError("not finite")
+        return result
+    except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidTagError(
             f"{keyword} holds an invalid value {value!r} ({exc})",
             path=path,
@@ -336,7 +387,16 @@ def transfer_syntax_of(ds: Dataset, path: Path) -> str:
             path=path,
             fix="rewrite the file with a File Meta header (e.g. pydicom: ds.save_as(..., enforce_file_format=True))",
         )
-    uid = UID(str(ts))
+    uid = UID(str(ts).strip())
+    if not uid.is_transfer_syntax:
+        # a private syntax (GE's 1.2.840.113619.5.2 implicit big endian, ...) or garbage: pydicom knows no
+        # encoding for it, and guessing one would decode noise
+        raise UnsupportedTransferSyntaxError(
+            f"transfer syntax {uid} is not a standard DICOM transfer syntax (private or invalid)",
+            path=path,
+            fix="convert the file to a standard syntax on the source system (e.g. export as Explicit VR Little "
+            "Endian) or with dcmtk: dcmconv +te",
+        )
     if uid.is_compressed:
         try:
             decoder = get_decoder(uid)
@@ -363,8 +423,19 @@ def slice_headers(
     Raises:
         NotAnImageError, UnsupportedTransferSyntaxError, InvalidTagError
     """
-    with recorded_warnings():  # values are converted lazily, so pydicom may warn here too
-        return _slice_headers(ds, path, {} if metadata_cache is None else metadata_cache)
+    with recorded_warnings():  # values are converted lazily, so pydicom may warn (and raise) here too
+        try:
+            return _slice_headers(ds, path, {} if metadata_cache is None else metadata_cache)
+        except MedHybridError:
+            raise
+        except BaseException as exc:  # a value pydicom cannot convert: unknown VR, lying length, bad charset...
+            if not third_party_failure(exc):
+                raise
+            raise InvalidTagError(
+                f"a header value cannot be read ({type(exc).__name__}: {str(exc)[:160]})",
+                path=path,
+                fix="the file is damaged: re-export it from the source system",
+            ) from None
 
 
 def _slice_headers(ds: Dataset, path: Path, metadata_cache: dict[str, dict[str, Any]]) -> list[SliceHeader]:
@@ -373,9 +444,9 @@ def _slice_headers(ds: Dataset, path: Path, metadata_cache: dict[str, dict[str, 
     if not getattr(ds, "file_meta", None):
         file_notes.append(QCReason(Verdict.WARN, "no_file_meta", "no DICOM File Meta header: transfer syntax inferred"))
     ts = transfer_syntax_of(ds, path)
-    n_frames = _tag(ds, "NumberOfFrames", path, int, 1) or 1
-    rows = _tag(ds, "Rows", path, int)
-    cols = _tag(ds, "Columns", path, int)
+    n_frames = image_tag(ds, "NumberOfFrames", path, int, 1) or 1
+    rows = image_tag(ds, "Rows", path, int)
+    cols = image_tag(ds, "Columns", path, int)
     if not rows or not cols or n_frames < 1:
         raise InvalidTagError(
             f"image size Rows={rows} Columns={cols} NumberOfFrames={n_frames}",
@@ -383,6 +454,8 @@ def _slice_headers(ds: Dataset, path: Path, metadata_cache: dict[str, dict[str, 
             fix="the file is damaged",
         )
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    samples = 3 if photometric == "PALETTE COLOR" else image_tag(ds, "SamplesPerPixel", path, int, 1)
+    check_pixel_budget(ds, path, rows, cols, n_frames, samples, ts)
     series_uid = str(ds.get("SeriesInstanceUID", ""))
     if not series_uid or series_uid not in metadata_cache:
         metadata_cache[series_uid] = safe_metadata(ds)
@@ -398,9 +471,9 @@ def _slice_headers(ds: Dataset, path: Path, metadata_cache: dict[str, dict[str, 
         "rows": rows,
         "cols": cols,
         # a palette-colour image decodes to RGB
-        "samples": 3 if photometric == "PALETTE COLOR" else _tag(ds, "SamplesPerPixel", path, int, 1),
+        "samples": samples,
         "photometric": photometric,
-        "instance_number": _tag(ds, "InstanceNumber", path, int),
+        "instance_number": image_tag(ds, "InstanceNumber", path, int),
         "safe_metadata": metadata_cache[series_uid],
     }
     notes = list(file_notes)
@@ -411,6 +484,64 @@ def _slice_headers(ds: Dataset, path: Path, metadata_cache: dict[str, dict[str, 
         per = per_frame_items[frame] if frame < len(per_frame_items) else None
         headers.append(SliceHeader(frame=frame, notes=list(notes), **common, **_frame_geometry(ds, shared, per, path)))
     return headers
+
+
+# The largest decoded pixel buffer one file may ask for (all frames, before rescale). A header is only a
+# claim: checking it against the file before anything is allocated is what keeps a lying header from asking
+# for terabytes (MemoryError) or looping over a billion frames (a hang). No library does this check for us.
+MAX_DECODED_BYTES = int(os.environ.get("MEDHYBRID_MAX_DECODED_BYTES", 4 << 30))
+ITEM_HEADER_BYTES = 8  # each frame of encapsulated pixel data is at least one item (tag + length)
+
+
+def check_pixel_budget(ds: Dataset, path: Path, rows: int, cols: int, frames: int, samples: int, ts: str) -> None:
+    """Raise CorruptPixelDataError when the declared image cannot be in this file or is too big to decode.
+
+    Native pixel data must fit in the file (rows x cols x frames x samples x BitsAllocated/8 bytes);
+    encapsulated data needs one item per frame and a decoded size under :data:`MAX_DECODED_BYTES`.
+    """
+    bits = image_tag(ds, "BitsAllocated", path, int, 16)
+    if samples < 1 or samples > 4 or bits < 1 or bits > 64:
+        raise InvalidTagError(
+            f"SamplesPerPixel={samples} BitsAllocated={bits} describe no image",
+            path=path,
+            fix="the file is damaged: re-export it",
+        )
+    decoded = rows * cols * frames * samples * max(bits, 8) // 8
+    native = not UID(ts).is_compressed
+    needed = -(-rows * cols * frames * samples * bits // 8) if native else frames * ITEM_HEADER_BYTES
+    available, where = _pixel_bytes(ds, path)
+    if needed > available or decoded > MAX_DECODED_BYTES:
+        what = f"{frames} frame(s) of {rows}x{cols}x{samples} at {bits} bits ({decoded:,} bytes decoded)"
+        if decoded > MAX_DECODED_BYTES:
+            limit = f"that is over the {MAX_DECODED_BYTES / 2**30:.1f} GiB limit (MEDHYBRID_MAX_DECODED_BYTES)"
+        else:
+            limit = f"{where} holds only {available:,} bytes"
+        error = TruncatedFileError if where == "its Pixel Data" and needed > available else CorruptPixelDataError
+        raise error(
+            f"header declares {what}, but {limit}",
+            path=path,
+            fix="the file is truncated, or its Rows/Columns/NumberOfFrames/BitsAllocated are wrong: re-copy or "
+            "re-export it",
+        )
+
+
+def _pixel_bytes(ds: Dataset, path: Path) -> tuple[int, str]:
+    """How many bytes of pixel data the file really holds, without reading them: the header pass defers the
+    Pixel Data value, so its declared length and offset are compared with the file's size."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0
+    if "PixelData" not in ds:
+        return size, "the file"
+    element = ds.get_item("PixelData", keep_deferred=True)
+    value = getattr(element, "value", None)
+    if value is not None:
+        return len(value), "its Pixel Data"
+    length, offset = getattr(element, "length", 0), getattr(element, "value_tell", None)
+    if offset is None or length == 0xFFFFFFFF:
+        return size, "the file"
+    return max(0, min(length, size - offset)), "its Pixel Data"
 
 
 def _frame_geometry(ds: Dataset, shared: Dataset | None, per: Dataset | None, path: Path) -> dict[str, Any]:
@@ -427,15 +558,15 @@ def _frame_geometry(ds: Dataset, shared: Dataset | None, per: Dataset | None, pa
         (val_item or ds),
     )
 
-    position = _tag(pos_src, "ImagePositionPatient", path, tuple)
-    orientation = _tag(ori_src, "ImageOrientationPatient", path, tuple)
+    position = image_tag(pos_src, "ImagePositionPatient", path, tuple)
+    orientation = image_tag(ori_src, "ImageOrientationPatient", path, tuple)
     if position is not None and len(position) != 3:
         raise InvalidTagError(f"ImagePositionPatient has {len(position)} values, expected 3", path=path)
     if orientation is not None and len(orientation) != 6:
         raise InvalidTagError(f"ImageOrientationPatient has {len(orientation)} values, expected 6", path=path)
     spacing, spacing_tag = None, None
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = _tag(pix_src, keyword, path, tuple) or _tag(ds, keyword, path, tuple)
+        value = image_tag(pix_src, keyword, path, tuple) or image_tag(ds, keyword, path, tuple)
         if value is not None:
             if len(value) != 2 or min(value) <= 0:
                 raise InvalidTagError(f"{keyword} {value} is not two positive numbers", path=path)
@@ -446,10 +577,19 @@ def _frame_geometry(ds: Dataset, shared: Dataset | None, per: Dataset | None, pa
         "orientation": orientation,
         "pixel_spacing": spacing,
         "spacing_tag": spacing_tag,
-        "slice_thickness": _tag(pix_src, "SliceThickness", path, float) or _tag(ds, "SliceThickness", path, float),
-        "slope": _tag(val_src, "RescaleSlope", path, float, 1.0),
-        "intercept": _tag(val_src, "RescaleIntercept", path, float, 0.0),
+        "slice_thickness": image_tag(pix_src, "SliceThickness", path, float)
+        or image_tag(ds, "SliceThickness", path, float),
+        "slope": _nonzero(image_tag(val_src, "RescaleSlope", path, float, 1.0), path),
+        "intercept": image_tag(val_src, "RescaleIntercept", path, float, 0.0),
     }
+
+
+def _nonzero(slope: float, path: Path) -> float:
+    if slope == 0:
+        raise InvalidTagError(
+            "RescaleSlope is 0: every voxel would have one value", path=path, fix="correct RescaleSlope"
+        )
+    return slope
 
 
 def safe_metadata(ds: Dataset) -> dict[str, Any]:

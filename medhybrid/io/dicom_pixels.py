@@ -12,8 +12,22 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut
 
-from medhybrid.errors import CorruptPixelDataError, DicomError, NotAnImageError, UnsupportedTransferSyntaxError
-from medhybrid.io.dicom_files import HEADER_TAGS, recorded_warnings, transfer_syntax_of
+from medhybrid.errors import (
+    CorruptPixelDataError,
+    DicomError,
+    InvalidTagError,
+    MedHybridError,
+    NotAnImageError,
+    UnsupportedTransferSyntaxError,
+)
+from medhybrid.io.dicom_files import (
+    HEADER_TAGS,
+    check_pixel_budget,
+    image_tag,
+    recorded_warnings,
+    third_party_failure,
+    transfer_syntax_of,
+)
 
 # The pixel pass needs the Image Pixel module only (geometry came from the header pass), plus
 # SOPClassUID, by which a forced parse of a file without preamble is judged a data set.
@@ -54,7 +68,30 @@ def decode_frames(ds: Dataset, path: Path) -> np.ndarray:
     """
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise NotAnImageError("no pixel data", path=path, fix="nothing to do: it is skipped")
-    transfer_syntax_of(ds, path)  # raises for an unknown syntax; fills it in for bare data sets
+    ts = transfer_syntax_of(ds, path)  # raises for an unknown syntax; fills it in for bare data sets
+    with recorded_warnings():
+        try:
+            return _decode_frames(ds, path, ts)
+        except MedHybridError:
+            raise
+        except BaseException as exc:  # the one boundary of the pixel pass: nothing untyped gets out
+            if not third_party_failure(exc):
+                raise
+            raise CorruptPixelDataError(
+                f"pixel data cannot be decoded ({type(exc).__name__}: {str(exc)[:160]})",
+                path=path,
+                fix="re-export the image from the source system",
+            ) from None
+
+
+def _decode_frames(ds: Dataset, path: Path, ts: str) -> np.ndarray:
+    rows, cols = image_tag(ds, "Rows", path, int), image_tag(ds, "Columns", path, int)
+    frames = image_tag(ds, "NumberOfFrames", path, int, 1) or 1
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    samples = 3 if photometric == "PALETTE COLOR" else image_tag(ds, "SamplesPerPixel", path, int, 1)
+    if not rows or not cols or frames < 1:
+        raise InvalidTagError(f"image size Rows={rows} Columns={cols} NumberOfFrames={frames}", path=path)
+    check_pixel_budget(ds, path, rows, cols, frames, samples, ts)  # before any buffer is allocated
     fast = _native_frames(ds)
     if fast is not None:
         return fast
@@ -69,7 +106,9 @@ def decode_frames(ds: Dataset, path: Path) -> np.ndarray:
             raise UnsupportedTransferSyntaxError(
                 f"pixel data cannot be decoded here ({exc})", path=path, fix="decompress the file"
             ) from None
-        except Exception as exc:  # decoders raise ValueError/RuntimeError/AttributeError/...
+        except BaseException as exc:  # decoders raise ValueError/RuntimeError/..., Rust ones panic
+            if not third_party_failure(exc):
+                raise
             raise CorruptPixelDataError(
                 f"pixel data is truncated or corrupt ({type(exc).__name__}: {str(exc)[:160]})",
                 path=path,

@@ -17,6 +17,7 @@ import numpy as np
 from medhybrid.errors import (
     DuplicatePositionError,
     GantryTiltError,
+    InvalidTagError,
     MissingPositionError,
     MissingSliceError,
     MixedMatrixError,
@@ -127,7 +128,7 @@ def series_geometry(headers: Sequence[SliceHeader], options: IngestOptions | Non
             files=[_where(h) for h, s in zip(headers, spread, strict=True) if s > opts.orientation_tolerance],
             fix="split the series by ImageOrientationPatient (e.g. remove localizer images)",
         )
-    row_dir, col_dir = _unit(orientations[0][:3]), _unit(orientations[0][3:])
+    row_dir, col_dir = direction_cosines(orientations[0], first, reasons)
     normal = np.cross(row_dir, col_dir)
     positions = np.array([h.position for h in headers], dtype=float)
     along = positions @ normal
@@ -186,13 +187,14 @@ def series_geometry(headers: Sequence[SliceHeader], options: IngestOptions | Non
         )
     spacing = float((d[-1] - d[0]) / (len(d) - 1))
     affine = _affine(row_dir, col_dir, normal, row_mm, col_mm, spacing, positions[order[0]])
+    _check_finite(affine, first)
     return SeriesGeometry(order=order, affine_lps=affine, slice_spacing=spacing, reasons=reasons)
 
 
 def _single_slice(h: SliceHeader, row_mm: float, col_mm: float, reasons: list[QCReason]) -> SeriesGeometry:
     thickness = h.slice_thickness if h.slice_thickness and h.slice_thickness > 0 else 1.0
     if h.position is not None and h.orientation is not None:
-        row_dir, col_dir = _unit(np.array(h.orientation[:3])), _unit(np.array(h.orientation[3:]))
+        row_dir, col_dir = direction_cosines(np.array(h.orientation, dtype=float), h, reasons)
         origin = np.array(h.position, dtype=float)
     else:
         reasons.append(
@@ -205,14 +207,58 @@ def _single_slice(h: SliceHeader, row_mm: float, col_mm: float, reasons: list[QC
         row_dir, col_dir, origin = np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.zeros(3)
     normal = np.cross(row_dir, col_dir)
     affine = _affine(row_dir, col_dir, normal, row_mm, col_mm, thickness, origin)
+    _check_finite(affine, h)
     return SeriesGeometry(order=[0], affine_lps=affine, slice_spacing=thickness, reasons=reasons)
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    n = float(np.linalg.norm(v))
-    if not n > 0:
-        raise MixedOrientationError(f"ImageOrientationPatient has a zero direction cosine {list(v)}")
-    return np.asarray(v, dtype=float) / n
+# ImageOrientationPatient's two cosines must be unit vectors at right angles. Exports round them (to 6 or so
+# digits), so small errors are repaired (Gram-Schmidt) and noted; larger ones describe no plane and reject.
+ORTHOGONAL_TOLERANCE = 1e-2  # |cos| of the angle between rows and columns (about 0.6 degrees)
+UNIT_TOLERANCE = 1e-2
+
+
+def direction_cosines(
+    orientation: np.ndarray, h: SliceHeader, reasons: list[QCReason]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The row and column direction cosines of ImageOrientationPatient, orthonormal.
+
+    Raises:
+        InvalidTagError: a zero, non-unit or non-perpendicular pair (a singular or sheared affine).
+    """
+    row, col = np.asarray(orientation[:3], dtype=float), np.asarray(orientation[3:], dtype=float)
+    norms = (float(np.linalg.norm(row)), float(np.linalg.norm(col)))
+    if max(abs(n - 1.0) for n in norms) > UNIT_TOLERANCE:
+        raise InvalidTagError(
+            f"ImageOrientationPatient {list(orientation)} is not two unit vectors (lengths {norms[0]:.4g}, "
+            f"{norms[1]:.4g})",
+            path=h.path,
+            fix="correct ImageOrientationPatient (two perpendicular unit vectors)",
+        )
+    row, col = row / norms[0], col / norms[1]
+    cosine = float(row @ col)
+    if abs(cosine) > ORTHOGONAL_TOLERANCE:
+        raise InvalidTagError(
+            f"ImageOrientationPatient rows and columns are {math.degrees(math.acos(max(-1.0, min(1.0, cosine)))):.2f}"
+            " degrees apart, not 90",
+            path=h.path,
+            fix="correct ImageOrientationPatient (two perpendicular unit vectors)",
+        )
+    if abs(cosine) > 1e-6 or max(abs(n - 1.0) for n in norms) > 1e-6:
+        col = col - cosine * row
+        col /= np.linalg.norm(col)
+        reasons.append(
+            QCReason(Verdict.OK, "orientation_rounded", "ImageOrientationPatient orthonormalised (rounded cosines)")
+        )
+    return row, col
+
+
+def _check_finite(affine: np.ndarray, h: SliceHeader) -> None:
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InvalidTagError(
+            "the pixel spacing and positions give no valid voxel-to-patient matrix (overflow or zero spacing)",
+            path=h.path,
+            fix="correct PixelSpacing / ImagePositionPatient / SliceThickness",
+        )
 
 
 def _affine(

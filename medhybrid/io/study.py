@@ -159,6 +159,38 @@ def study_key(identity: str) -> str:
     return "s" + hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
 
 
+# The grid every study must have, whatever its format: checked once, here, where every reader's study is made.
+SHEAR_TOLERANCE = 1e-2  # |cos| between two voxel axes (about 0.6 degrees from a right angle)
+VOXEL_MM_RANGE = (1e-4, 1e5)  # a voxel from 0.1 micrometre to 100 m: outside, the header is wrong
+
+
+def validate_affine(affine: Any, source: Path | str | None = None) -> np.ndarray:
+    """The affine as a float64 4x4 array, or InvalidGeometryError naming ``source``: not finite, voxel sizes
+    outside :data:`VOXEL_MM_RANGE`, or axes sheared beyond :data:`SHEAR_TOLERANCE` (resampling, orientation and
+    every distance in mm assume a rectangular grid)."""
+    from medhybrid.errors import InvalidGeometryError
+
+    matrix = np.asarray(affine, dtype=np.float64)
+    fix = "correct the image's header geometry (spacing, orientation), or resample it to an orthogonal grid"
+    if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
+        raise InvalidGeometryError("the voxel-to-world matrix is not a finite 4x4 matrix", path=source, fix=fix)
+    sizes = np.linalg.norm(matrix[:3, :3], axis=0)
+    if sizes.min() < VOXEL_MM_RANGE[0] or sizes.max() > VOXEL_MM_RANGE[1]:
+        shown = ", ".join(f"{v:.4g}" for v in sizes)
+        raise InvalidGeometryError(
+            f"voxel sizes ({shown}) mm are outside {VOXEL_MM_RANGE[0]}-{VOXEL_MM_RANGE[1]} mm", path=source, fix=fix
+        )
+    cosines = matrix[:3, :3] / sizes
+    off = np.abs(cosines.T @ cosines - np.eye(3)).max()
+    if off > SHEAR_TOLERANCE:
+        raise InvalidGeometryError(
+            f"the voxel axes are not perpendicular (largest |cos| between two axes {off:.3f}): a sheared grid",
+            path=source,
+            fix=fix,
+        )
+    return matrix
+
+
 @dataclass(eq=False)
 class Study:
     """One validated image volume ready for preprocessing.
@@ -186,9 +218,7 @@ class Study:
     series_uid: str | None = None
 
     def __post_init__(self) -> None:
-        self.affine = np.asarray(self.affine, dtype=np.float64)
-        if self.affine.shape != (4, 4) or not np.all(np.isfinite(self.affine)):
-            raise ValueError(f"affine must be a finite 4x4 matrix, got {self.affine!r}")
+        self.affine = validate_affine(self.affine, self.source)
         if self.array.ndim not in (3, 4):
             raise ValueError(f"array must be (I, J, K) or (I, J, K, C), got shape {self.array.shape}")
         leaked = PHI_KEYWORDS.intersection(self.metadata)

@@ -31,9 +31,10 @@ from medhybrid.infer.saliency import rollout
 from medhybrid.io.scan import load_study
 from medhybrid.train import train
 from medhybrid.train.evaluate import operating_point
+from tests.conftest import INFER_STUDIES
 
 REPO = Path(__file__).resolve().parents[1]
-N_STUDIES = 6
+N_STUDIES = INFER_STUDIES
 COMMON = {
     "report.json",
     "report.html",
@@ -45,36 +46,15 @@ COMMON = {
 DICOM_ONLY = {"seg.dcm", "sr.dcm"}
 
 
-# --- fixtures: a cohort and a (briefly) trained 3D multitask hybrid -------------------------------
+# --- fixtures: a cohort and a (briefly) trained 3D multitask hybrid (tests/conftest.py) ---------------
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    manifest = synthesize_cohort(tmp_path_factory.mktemp("cohort"), n=N_STUDIES, dims=3, fmt="both", seed=1)
-    return manifest.parent
+def cohort(infer_cohort: Path) -> Path:
+    return infer_cohort
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("train")
-    manifest = synthesize_cohort(tmp / "cohort", n=10, dims=3, fmt="nifti", seed=2)
-    raw = {
-        "name": "tiny3d",
-        "data": {
-            "manifest": str(manifest),
-            "task": "multitask",
-            "spatial_dims": 3,
-            "modality": "CT",
-            "intensity": "ct_soft_tissue",
-            "spacing": [1.5, 1.5, 2.5],
-            "spatial_size": [32, 32, 16],
-        },
-        "model": {"name": "hybrid_tiny_3d"},
-        "train": {"batch_size": 2, "stages": [{"name": "all", "epochs": 1, "lr": 0.003}]},
-        "eval": {"metrics": ["auroc", "dice", "loss"], "select": "auroc"},
-        "runtime": {"seed": 0, "threads": 2},
-    }
-    (tmp / "p.yaml").write_text(yaml.safe_dump(raw))
-    train(load_pipeline(tmp / "p.yaml"), tmp / "run")
-    return tmp / "run"
+def run_dir(tiny_run: Path) -> Path:
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

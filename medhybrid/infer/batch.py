@@ -24,6 +24,7 @@ unless ``include_phi`` (then they go into report.json/html and the DICOM SEG/SR 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import queue
 import shutil
@@ -38,13 +39,16 @@ from typing import Any
 import numpy as np
 
 from medhybrid.errors import InferenceError, InputError, MedHybridError
+from medhybrid.infer.lock import output_lock
 from medhybrid.infer.predictor import Prediction, Predictor, Prepared
 from medhybrid.infer.study_outputs import OLD_PREFIX, PARTIAL_PREFIX, REPORT_FILE, check_dims, finish_study
-from medhybrid.infer.tasks import InferOptions, StudyTask, find_studies
+from medhybrid.infer.tasks import InferOptions, StudyTask, find_studies, follow_dicomdir, raise_no_studies
 from medhybrid.infer.worklist import row_from_report, run_key, summary_row, write_summary
 from medhybrid.io.dicom import load_series
+from medhybrid.io.dicom_files import OUTPUT_MARKER, third_party_failure
 from medhybrid.io.readers import read_geometry, read_image
 from medhybrid.io.study import Study
+from medhybrid.io.writers import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +96,26 @@ def run_inference(
     if out.exists() and not out.is_dir():
         raise InferenceError("output exists and is not a folder", path=out, fix="choose another --out")
     predictor = Predictor(model, device=options.device, tta=options.tta, threshold=options.threshold)
+    input_path = follow_dicomdir(Path(input_path))
+    with output_lock(out):
+        return _run_locked(input_path, out, predictor, options, on_study)
+
+
+def _run_locked(
+    input_path: Path,
+    out: Path,
+    predictor: Predictor,
+    options: InferOptions,
+    on_study: Callable[[dict[str, Any]], None] | None,
+) -> InferResult:
+    # the output folder is marked before the input is walked, so an --out inside the input is never read
+    atomic_write_bytes(out / OUTPUT_MARKER, b"written by medhybrid infer: not an input\n")
     tasks, rejected = find_studies(input_path, options)
-    out.mkdir(parents=True, exist_ok=True)
+    if not tasks:
+        raise_no_studies(input_path, rejected)
     _clean_partials(out)
     t_start = time.perf_counter()
-    book = _Book(out, predictor, Path(input_path), on_study, run_key(predictor, options))
+    book = _Book(out, predictor, input_path, on_study, run_key(predictor, options))
     with _file_log(out / "infer.log"):
         logger.info(
             "infer: %d studies under %s with %s (threshold %.3f, %s)",
@@ -109,8 +128,14 @@ def run_inference(
         for problem in rejected:
             logger.info("rejected file %s: %s", problem.path, problem.reason)
         todo = _plan(tasks, out, options, book)
-        _Pipeline(predictor, out, options, book, Path(input_path)).run(todo)
-        book.write_summary()
+        pipeline = _Pipeline(predictor, out, options, book, input_path)
+        pipeline.run(todo)
+        try:
+            book.write_summary()
+        except OSError as exc:
+            raise _disk_error(out, exc, len(book.rows)) from None
+        if pipeline.disk_full is not None:
+            raise _disk_error(out, pipeline.disk_full, len(book.rows))
     seconds = time.perf_counter() - t_start
     return InferResult(out, book.rows, book.skipped, book.failed, seconds, dict(book.totals))
 
@@ -196,6 +221,9 @@ class _Pipeline:
         self.inflight = 0
         self.inflight_cv = threading.Condition()
         self.stop = threading.Event()
+        self.disk_full: OSError | None = None  # set by the writer: the run stops, finished studies are kept
+        self.loaded_count = 0
+        self.stop_early = False  # the writer asked to stop (disk full)
 
     def run(self, tasks: list[StudyTask]) -> None:
         loader = threading.Thread(target=self._load_all, args=(tasks,), name="medhybrid-load", daemon=True)
@@ -208,7 +236,9 @@ class _Pipeline:
                     assert item.prepared is not None
                     try:
                         item.pred = self.predictor.run(item.prepared)
-                    except Exception as exc:  # noqa: BLE001 - recorded per study, the batch goes on
+                    except BaseException as exc:  # recorded per study, the batch goes on
+                        if not third_party_failure(exc):
+                            raise
                         item.failure = _describe(exc, item)
                     item.prepared = None
                 self._hand_to_writer(item, writer)
@@ -223,6 +253,12 @@ class _Pipeline:
             if writer.is_alive():
                 self._hand_to_writer(None, writer)
                 writer.join()
+        if self.loaded_count < len(tasks) and not self.stop_early:
+            raise InferenceError(  # never end a batch as if it were finished when studies were not run
+                f"the loader stopped after {self.loaded_count} of {len(tasks)} studies (see infer.log)",
+                path=self.out,
+                fix="rerun: finished studies are kept and skipped",
+            )
 
     def _hand_to_writer(self, item: _Item | None, writer: threading.Thread) -> None:
         while True:
@@ -251,10 +287,13 @@ class _Pipeline:
                     item.t_load = time.perf_counter() - t0
                     check_dims(item.study, self.predictor, task)
                     item.prepared = self.predictor.preprocess(item.study)
-                except Exception as exc:  # noqa: BLE001 - recorded per study, the batch goes on
+                except BaseException as exc:  # recorded per study (a decoder panic too), the batch goes on
+                    if not third_party_failure(exc):
+                        raise
                     item.failure = _describe(exc, item)
                     item.study = None
                 self.loaded.put(item)
+                self.loaded_count += 1
         finally:
             self.loaded.put(None)
 
@@ -282,8 +321,13 @@ class _Pipeline:
                             item.task, item.study, item.pred, timing, self.predictor, self.out, self.options,
                             self.book.run_key,
                         )  # fmt: skip
-                    except Exception as exc:  # noqa: BLE001 - recorded per study, the batch goes on
+                    except BaseException as exc:  # recorded per study, the batch goes on
+                        if not third_party_failure(exc):
+                            raise
                         item.failure = _describe(exc, item)
+                        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+                            self.disk_full, self.stop_early = exc, True
+                            self.stop.set()  # every further study would fail the same way
                     else:
                         logger.info(
                             "study %s: score %s %s (%.2f s)",
@@ -304,11 +348,25 @@ class _Pipeline:
                 self._release(item.voxels)
 
 
-def _describe(exc: Exception, item: _Item) -> tuple[str, str]:
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_error(out: Path, exc: OSError, n_done: int) -> InferenceError:
+    return InferenceError(
+        f"cannot write to the output folder ({exc.strerror or exc}); {n_done} studies were finished and are complete",
+        path=out,
+        fix="free disk space and rerun: finished studies are kept and skipped",
+    )
+
+
+def _describe(exc: BaseException, item: _Item) -> tuple[str, str]:
     """A failure's (code, reason), logged; unexpected exception types keep their traceback in the log."""
     if isinstance(exc, MedHybridError):
         logger.warning("study %s failed: %s", item.task.key, exc)
         return exc.code, str(exc)
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:  # not a bug: no traceback
+        logger.error("study %s not written: %s", item.task.key, exc.strerror)
+        return "disk_full", str(exc.strerror)
     logger.error("study %s failed unexpectedly", item.task.key, exc_info=exc)
     return type(exc).__name__, str(exc)[:300]
 

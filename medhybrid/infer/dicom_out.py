@@ -86,6 +86,7 @@ import pydicom
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -309,8 +310,24 @@ def source_datasets(headers: Sequence[SliceHeader]) -> list[Dataset]:
                 path=path,
                 fix="the file changed since the series was discovered: load the series again",
             )
+        tolerate_charset(ds)
         out.append(ds)
     return out
+
+
+def tolerate_charset(ds: Dataset) -> None:
+    """Repair the Specific Character Set defects real scanners send, as PS3.3 C.12.1.1.2 reads them: an empty
+    value (Hitachi CT, among others) means the default repertoire, so the element is dropped; an empty first
+    value of a multi-valued set means the default repertoire with code extensions (ISO 2022 IR 6). highdicom
+    copies the element into SEG/SR and refuses the empty string otherwise."""
+    if "SpecificCharacterSet" not in ds:
+        return
+    value = ds.SpecificCharacterSet
+    values = [str(v).strip() for v in (value if isinstance(value, MultiValue) else [value])]
+    if not any(values):
+        del ds.SpecificCharacterSet
+    elif not values[0]:
+        ds.SpecificCharacterSet = ["ISO 2022 IR 6", *values[1:]]
 
 
 def _read_header(path: Path) -> Dataset:

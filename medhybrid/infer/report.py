@@ -14,7 +14,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
-SCHEMA_VERSION = "2.0"  # 2.0: probability/decision/operating_point may be null; structures; run_key
+SCHEMA_VERSION = "2.1"  # 2.0: probability/decision/operating_point may be null; structures; run_key
+# 2.1: output_errors (an output that could not be written), outputs.sha256 (what a rerun verifies)
 
 
 class _Model(BaseModel):
@@ -88,6 +89,20 @@ class Outputs(_Model):
     dicom_sr: str | None = None
     html: str = "report.html"
     thumbnail: str = "thumb.png"
+    sha256: dict[str, str] = Field(
+        {}, description="SHA-256 of every file above (report.json excepted): a rerun redoes a study whose files differ"
+    )
+
+    def files(self) -> list[str]:
+        """The study folder's files this report lists."""
+        listed = [self.mask, *(s.file for s in self.saliency), self.dicom_seg, self.dicom_sr, self.html, self.thumbnail]
+        return [f for f in listed if f]
+
+
+class OutputError(_Model):
+    output: str = Field(description="the output that could not be written: dicom_seg, dicom_sr, ...")
+    code: str = Field(description="error code (medhybrid.errors) or exception type")
+    reason: str
 
 
 class StudyReport(_Model):
@@ -118,6 +133,9 @@ class StudyReport(_Model):
     model: ModelInfo
     source: Source
     outputs: Outputs
+    output_errors: list[OutputError] = Field(
+        [], description="outputs that could not be written; every other file of the study is complete"
+    )
     timings_s: dict[str, float] = Field(description="load, preprocess, model, resample, write, total")
     tta: bool
     created_by: str = "medhybrid infer"

@@ -4,6 +4,7 @@ the study's folder only when complete."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -14,13 +15,14 @@ import numpy as np
 import torch
 
 from medhybrid import __version__
-from medhybrid.errors import InferenceError
+from medhybrid.errors import InferenceError, MedHybridError
 from medhybrid.infer.predictor import Prediction, Predictor
 from medhybrid.infer.render import DisplayFrame, render_panels, report_html, window_for
 from medhybrid.infer.report import (
     Lesion,
     ModelInfo,
     OperatingPoint,
+    OutputError,
     Outputs,
     QCFlag,
     Saliency,
@@ -33,8 +35,11 @@ from medhybrid.infer.report import (
 from medhybrid.infer.resample import argmax_labels, to_native_many, to_uint8
 from medhybrid.infer.tasks import InferOptions, StudyTask
 from medhybrid.io.dicom import DicomSeries
+from medhybrid.io.dicom_files import OUTPUT_MARKER
 from medhybrid.io.study import Study
-from medhybrid.io.writers import atomic_write_bytes, nifti_bytes
+from medhybrid.io.writers import atomic_write_bytes, nifti_bytes, sha256_file
+
+logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
 PATIENT_KEYS = ("PatientName", "PatientID", "PatientBirthDate")  # read only with --include-phi
@@ -64,7 +69,6 @@ def finish_study(
         timing: the seconds loading took, and the study's source as the report shows it.
         key: the run key (:func:`medhybrid.infer.worklist.run_key`) the report records.
     """
-    t_load, source = timing
     t1 = time.perf_counter()
     maps: list[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], type]] = [
         (v, to_uint8, np.uint8) for v in pred.saliency.values()
@@ -80,6 +84,31 @@ def finish_study(
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir()
+    try:
+        return _fill(
+            partial, task, study, pred, predictor, out, options, key, labels, saliency, coverage, timing, t_resample
+        )
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # a failed study leaves nothing behind (e.g. on a full disk)
+        raise
+
+
+def _fill(
+    partial: Path,
+    task: StudyTask,
+    study: Study,
+    pred: Prediction,
+    predictor: Predictor,
+    out: Path,
+    options: InferOptions,
+    key: str,
+    labels: np.ndarray | None,
+    saliency: dict[str, np.ndarray],
+    coverage: list[float],
+    timing: tuple[float, str],
+    t_resample: float,
+) -> tuple[StudyReport, dict[str, float]]:
+    t_load, source = timing
     t2 = time.perf_counter()
     report = _build_report(task, study, pred, predictor, labels, saliency, source, options)
     report.run_key = key
@@ -103,7 +132,9 @@ def finish_study(
     }
     timings["total"] = sum(timings.values())
     report.timings_s = {k: round(v, 4) for k, v in timings.items()}
-    atomic_write_bytes(partial / REPORT_FILE, report.to_json())
+    report.outputs.sha256 = {name: sha256_file(partial / name) for name in report.outputs.files()}
+    atomic_write_bytes(partial / OUTPUT_MARKER, b"written by medhybrid infer: not an input\n")
+    atomic_write_bytes(partial / REPORT_FILE, report.to_json())  # last: its presence means the folder is complete
     _commit(partial, out / task.key)
     return report, timings
 
@@ -265,6 +296,17 @@ def _write_outputs(
         )
     if task.series is not None and options.dicom_outputs:
         _write_dicom(folder, task.series, report, predictor, labels, options)
+    if report.output_errors:
+        report.qc.append(
+            QCFlag(
+                level="warn",
+                code="output_failed",
+                message="not written: "
+                + "; ".join(f"{e.output} ({e.reason})" for e in report.output_errors)
+                + ". The other outputs are complete",
+            )
+        )
+        report.qc_verdict = "warn" if report.qc_verdict == "ok" else report.qc_verdict
     frame = DisplayFrame(study.affine, study.spacing, two_d=study.is_2d, reorient=study.source_format != "medmnist")
     window = window_for(study.modality, predictor.data_cfg.intensity, study.array)
     kinds = set(predictor.mask_kinds.values())
@@ -289,20 +331,27 @@ def _write_dicom(
         version=f"{__version__}+{predictor.weights_sha256[:8]}",
         weights_sha256=predictor.weights_sha256,
     )
-    sources = source_datasets(series.headers)
+    try:
+        sources = source_datasets(series.headers)
+    except Exception as exc:  # noqa: BLE001 - neither object can be made; the rest of the study is kept
+        _output_failed(report, folder, ("dicom_seg", "dicom_sr"), exc)
+        return
     seg = None
     if labels is not None:
         names = {k: v for k, v in predictor.mask_label_names.items() if k != 0} or {1: "lesion"}
-        seg = write_seg(
-            labels,
-            series.headers,
-            names,
-            algorithm,
-            folder / "seg.dcm",
-            include_phi=options.include_phi,
-            sources=sources,
-            segment_kinds=predictor.mask_kinds,
-        )
+        try:
+            seg = write_seg(
+                labels,
+                series.headers,
+                names,
+                algorithm,
+                folder / "seg.dcm",
+                include_phi=options.include_phi,
+                sources=sources,
+                segment_kinds=predictor.mask_kinds,
+            )
+        except Exception as exc:  # noqa: BLE001 - the SR (without a SEG reference) and the rest are still written
+            _output_failed(report, folder, ("dicom_seg",), exc)
     measured = [(les, "lesion") for les in report.lesions] + [(st, "anatomy") for st in report.structures]
     findings = Findings(
         is_probability=report.score_method in (None, "classifier"),
@@ -314,6 +363,29 @@ def _write_dicom(
             for m, kind in sorted(measured, key=lambda x: x[0].label)
         ),
     )
-    write_sr(
-        findings, series.headers, seg, algorithm, folder / "sr.dcm", include_phi=options.include_phi, sources=sources
-    )
+    try:
+        write_sr(
+            findings,
+            series.headers,
+            seg,
+            algorithm,
+            folder / "sr.dcm",
+            include_phi=options.include_phi,
+            sources=sources,
+        )
+    except Exception as exc:  # noqa: BLE001 - one failed output never loses the study's others
+        _output_failed(report, folder, ("dicom_sr",), exc)
+
+
+OUTPUT_FILES = {"dicom_seg": "seg.dcm", "dicom_sr": "sr.dcm"}
+
+
+def _output_failed(report: StudyReport, folder: Path, outputs: tuple[str, ...], exc: Exception) -> None:
+    """Record that ``outputs`` could not be written (report, worklist, log) and leave no file of theirs."""
+    code = exc.code if isinstance(exc, MedHybridError) else type(exc).__name__
+    reason = exc.message if isinstance(exc, MedHybridError) else str(exc)[:300]
+    for output in outputs:
+        (folder / OUTPUT_FILES[output]).unlink(missing_ok=True)
+        setattr(report.outputs, output, None)
+        report.output_errors.append(OutputError(output=output, code=code, reason=reason))
+    logger.warning("study %s: %s not written: %s", report.study_key, ", ".join(outputs), reason)

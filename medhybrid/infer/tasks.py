@@ -4,18 +4,21 @@ raised), so one bad study never stops the batch."""
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from medhybrid.errors import InputError, MedHybridError
 from medhybrid.io.dicom import DicomSeries, discover_dicom
-from medhybrid.io.dicom_files import FileProblem, iter_files
+from medhybrid.io.dicom_files import FileProblem, iter_files, sniff_dicom
 from medhybrid.io.geometry import IngestOptions
 from medhybrid.io.manifest import read_manifest
 from medhybrid.io.readers import image_format
 from medhybrid.io.select import SelectionRules, select_series
 from medhybrid.io.study import study_key
+
+logger = logging.getLogger(__name__)
 
 # Image files that are label maps, not studies, when a folder is scanned (synth, MSD and most exports).
 DEFAULT_EXCLUDE = ("*_mask.*", "*_seg.*", "*_label.*", "*_labels.*", "*_labelmap.*")
@@ -69,6 +72,27 @@ def find_studies(input_path: Path, options: InferOptions) -> tuple[list[StudyTas
     tasks, problems = _dicom_tasks(input_path, dicom_files, options)
     tasks += [_image_task(p) for p in images]
     return tasks, problems
+
+
+def follow_dicomdir(input_path: Path) -> Path:
+    """A DICOMDIR given as the input stands for the media it indexes: its folder, which is walked (every file
+    a DICOMDIR references lies under it; walking also finds files its records miss)."""
+    if input_path.is_file() and (input_path.name.upper() == "DICOMDIR" or sniff_dicom(input_path) == "dicomdir"):
+        logger.info("%s is a DICOMDIR: reading the media folder it indexes, %s", input_path, input_path.parent)
+        return input_path.parent
+    return input_path
+
+
+def raise_no_studies(input_path: Path, rejected: list[FileProblem]) -> None:
+    """A run that finds nothing to report says so, and why, instead of reporting 0 studies."""
+    reasons = "; ".join(f"{p.path.name}: {p.reason}" for p in rejected[:3])
+    more = f" (+{len(rejected) - 3} more)" if len(rejected) > 3 else ""
+    raise InputError(
+        "no study found"
+        + (f": {len(rejected)} file(s) rejected ({reasons}{more})" if rejected else " (no DICOM or image files)"),
+        path=input_path,
+        fix="give a folder of DICOM studies or NIfTI/NRRD/MHA/PNG images, one study, or a manifest .csv",
+    )
 
 
 def _excluded(path: Path, patterns: tuple[str, ...]) -> bool:

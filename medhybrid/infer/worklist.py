@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from medhybrid import __version__
 from medhybrid.infer.render import index_html
 from medhybrid.infer.report import StudyReport, jsonable
-from medhybrid.io.writers import atomic_write_bytes
+from medhybrid.io.writers import atomic_write_bytes, sha256_file
 
 if TYPE_CHECKING:
     from medhybrid.infer.predictor import Predictor
@@ -51,8 +51,8 @@ def summary_row(report: StudyReport) -> dict[str, Any]:
         "manifest_id": report.source.manifest_id or "",
         "report": f"{report.study_key}/report.html",
         "thumbnail": True,
-        "error": "",
-        "reason": "",
+        "error": "output_failed" if report.output_errors else "",
+        "reason": "; ".join(f"{e.output} not written: {e.reason}" for e in report.output_errors),
     }
 
 
@@ -83,7 +83,24 @@ def row_from_report(path: Path, key: str) -> dict[str, Any] | None:
         report = StudyReport.model_validate(json.loads(path.read_text(encoding="utf-8")))
     except Exception:  # an old or damaged report: infer the study again
         return None
-    return summary_row(report) if report.run_key == key else None
+    if report.run_key != key or not _complete(path.parent, report):
+        return None
+    return summary_row(report)
+
+
+def _complete(folder: Path, report: StudyReport) -> bool:
+    """Every file the report lists is there with the bytes it was written with (a folder another process
+    damaged, or a file deleted or edited since, is redone)."""
+    listed = report.outputs.files()
+    if set(listed) != set(report.outputs.sha256):
+        return False
+    for name in listed:
+        try:
+            if sha256_file(folder / name) != report.outputs.sha256[name]:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def _rank_key(row: dict[str, Any]) -> tuple[float, str]:

@@ -4,6 +4,7 @@ never leaves a half-written file, and deterministically, so the same data gives 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -43,6 +44,15 @@ def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def nifti_bytes(

@@ -42,9 +42,9 @@ from medhybrid.evaluate.runner import PREDICTIONS_FILE, REPORT_FILE, EvaluateOpt
 from medhybrid.evaluate.segmentation import segmentation_summary
 from medhybrid.infer.loading import checkpoints_digest
 from medhybrid.io.manifest import read_manifest
-from medhybrid.io.writers import atomic_write_bytes
+from medhybrid.io.writers import atomic_write_bytes, sha256_file
 from medhybrid.train import records
-from medhybrid.train.checkpoint import load_checkpoint, sha256_file, write_calibration
+from medhybrid.train.checkpoint import load_checkpoint, write_calibration
 from medhybrid.train.evaluate import abnormality
 
 logger = logging.getLogger(__name__)

@@ -23,6 +23,10 @@ where the manifest has a ``patient_id`` column, studies otherwise.
 
 A study that cannot be read or run is recorded as failed (``predictions.csv``, ``metrics.json``) and the
 run goes on.
+
+``metrics.json`` is the mark of a finished evaluation: a stale one is deleted when the run starts, and it is
+written last (every file atomically), so a folder without it holds an evaluation that was stopped, whatever
+``predictions.csv``, ``report.html`` or ``saliency/`` it already has. Rerun the same command to redo it.
 """
 
 from __future__ import annotations
@@ -63,10 +67,10 @@ from medhybrid.io.manifest import ManifestRow, read_manifest
 from medhybrid.io.readers import read_image
 from medhybrid.io.scan import load_study
 from medhybrid.io.study import Study
-from medhybrid.io.writers import atomic_write_bytes, save_nifti
-from medhybrid.train.checkpoint import calibration_path, sha256_file, write_calibration
+from medhybrid.io.writers import atomic_write_bytes, save_nifti, sha256_file
+from medhybrid.train.checkpoint import calibration_path, write_calibration
 from medhybrid.train.evaluate import abnormality
-from medhybrid.train.records import METRICS_JSON, write_json
+from medhybrid.train.records import METRICS_JSON, fault_point, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -307,6 +311,9 @@ def evaluate(
         )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if (out / METRICS_FILE).is_file():  # from an earlier run: this folder is unfinished until the new one lands
+        logger.info("%s: replacing the previous evaluation", out)
+        (out / METRICS_FILE).unlink()
     n_seg = int(predictor.model.seg_classes or 0)
     ev = _Evaluator(predictor, o, out, n_seg)
     rule = parse_operating_point(o.operating_point, predictor.eval_cfg.operating_point)
@@ -339,6 +346,7 @@ def evaluate(
         records.append(rec)
         if on_study:
             on_study(rec)
+        fault_point("evaluate_study")
     ok = [r for r in records if r.status == "ok"]
     grouped = mf.has_patients
 
@@ -421,11 +429,12 @@ def evaluate(
     result["wall_seconds"] = time.perf_counter() - t_start
 
     atomic_write_bytes(out / PREDICTIONS_FILE, predictions_csv(records, predictor, score_of, thr_of))
-    write_json(out / METRICS_FILE, result)
     if o.report:
         from medhybrid.evaluate.html import evaluation_html
 
         atomic_write_bytes(out / REPORT_FILE, evaluation_html(result))
+    fault_point("evaluate_outputs")
+    write_json(out / METRICS_FILE, result)  # last: the mark of a finished evaluation (module docstring)
     return EvaluateResult(out, result, records)
 
 

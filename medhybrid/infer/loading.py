@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from medhybrid.config import DataConfig
+from medhybrid.config import DataConfig, EvalConfig
 from medhybrid.errors import CheckpointError
 from medhybrid.infer.saliency import Explainer
 from medhybrid.models.base import MedModel
 from medhybrid.models.registry import create_model
-from medhybrid.train.checkpoint import load_checkpoint, weights_digest
+from medhybrid.train.checkpoint import DIGEST_KEY, load_checkpoint
 from medhybrid.train.records import BEST_FILE, ENSEMBLE_FILE
 
 # What must agree between the members of an ensemble for their outputs to be averaged (the preprocessing
@@ -123,7 +123,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_member(path: Path, device: torch.device, saliency: tuple[str, ...]) -> Member:
-    """Load one checkpoint (``weights_only``) and rebuild its network.
+    """Load one checkpoint and rebuild its network. :func:`load_checkpoint` has refused pickled code,
+    checked the weights against their digest and the type of every field; what is left to fail here is
+    the content (an unknown model, weights of another shape, an invalid preprocessing section).
 
     Raises:
         CheckpointError: unreadable, or the network cannot be rebuilt from it.
@@ -133,13 +135,15 @@ def load_member(path: Path, device: torch.device, saliency: tuple[str, ...]) -> 
         model = create_model(ckpt["model_name"], **ckpt["model_args"])
         model.load_state_dict(ckpt["model"])
         DataConfig.model_validate(ckpt["preprocessing"])
+        EvalConfig.model_validate((ckpt.get("config") or {}).get("eval") or {})
     except Exception as exc:  # an edited or foreign checkpoint: say which file, not a traceback
         raise CheckpointError(
             f"cannot rebuild the model from it ({type(exc).__name__}: {str(exc)[:200]})",
             path=path,
             fix="use a checkpoint written by this medhybrid version's `medhybrid train`",
         ) from None
-    digest = weights_digest(ckpt.pop("model"))
+    del ckpt["model"]
+    digest = ckpt[DIGEST_KEY]  # verified (or, for an old checkpoint, computed) by load_checkpoint
     for key in ("optimizer", "scheduler", "rng"):  # not needed to infer; can be large
         ckpt.pop(key, None)
     model = model.to(device).eval()
@@ -182,4 +186,4 @@ def ensemble_digest(members: list[Member]) -> str:
 
 def checkpoints_digest(paths: list[Path]) -> str:
     """:func:`ensemble_digest` of checkpoints on disk, without building their networks."""
-    return combined_digest([weights_digest(load_checkpoint(p)["model"]) for p in paths])
+    return combined_digest([load_checkpoint(p)[DIGEST_KEY] for p in paths])

@@ -7,7 +7,14 @@ rebuild the model and its preprocessing, and everything ``--resume`` needs to co
 ``format``, ``format_version``, ``model_name``, ``model_args``, ``model`` (state dict), ``optimizer``,
 ``scheduler``, ``rng``, ``config`` (the resolved pipeline), ``preprocessing`` (the ``data`` section),
 ``label_names``, ``mask_label_names``, ``versions``, ``manifest_sha256``, ``seed``, ``stage``,
-``stage_epoch``, ``epoch``, ``global_step``, ``best``, ``history``, ``world_size``.
+``stage_epoch``, ``epoch``, ``global_step``, ``best``, ``history``, ``world_size``, and ``weights_sha256``
+(:func:`weights_digest` of ``model``, written by :func:`save_checkpoint`).
+
+Loading is checked in one place, :func:`load_checkpoint`: a file that would run code when unpickled is
+refused (``weights_only=True``), weights whose digest differs from the recorded one (flipped bytes, an
+edited file) are refused, and every field a consumer reads must have its type (an edited ``epoch``
+string or a ``model`` that is not a dict of tensors is a :class:`CheckpointError` naming the field, never
+a ``KeyError`` further on). Checkpoints written before digests existed load with a warning.
 
 A checkpoint is never rewritten after training. What ``medhybrid evaluate`` fits later (temperature,
 operating point) goes into a **calibration sidecar** next to it (``best.pt`` ->
@@ -25,7 +32,7 @@ import logging
 import platform
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -36,13 +43,16 @@ import torch
 from torch import nn
 
 from medhybrid.errors import CheckpointError
-from medhybrid.io.writers import atomic_write_bytes
+from medhybrid.io.writers import (
+    atomic_write_bytes,
+)
 from medhybrid.train.records import json_safe
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "medhybrid-checkpoint"
 FORMAT_VERSION = 1
+DIGEST_KEY = "weights_sha256"  # weights_digest(model), recorded by save_checkpoint
 VERSIONED = ("medhybrid", "torch", "monai", "numpy", "pydicom", "nibabel", "SimpleITK", "scikit-learn")
 
 
@@ -54,14 +64,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
@@ -136,41 +138,214 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` atomically (temp file + rename: a kill mid-write leaves the old file intact)."""
+def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> Path:
+    """Write ``payload`` atomically (temp file + fsync + rename: a kill mid-write leaves the old file
+    intact) with the digest of its weights, recomputed here so that it always names the weights saved."""
+    body = {k: v for k, v in payload.items() if k not in ("format", "format_version", DIGEST_KEY)}
+    if "model" in body:
+        body[DIGEST_KEY] = weights_digest(body["model"])
     buf = io.BytesIO()
-    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **payload}, buf)
+    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **body}, buf)
     return atomic_write_bytes(Path(path), buf.getvalue(), fsync=True)
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a medhybrid checkpoint with ``weights_only=True``.
+# --- what a checkpoint must hold -----------------------------------------------------------------
+
+_Check = tuple[Callable[[Any], bool], str]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int_key(k: Any) -> bool:
+    return _is_int(k) or (isinstance(k, str) and k.lstrip("-").isdigit())
+
+
+def _is_tensor_dict(v: Any) -> bool:
+    return (
+        isinstance(v, dict)
+        and bool(v)
+        and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+    )
+
+
+def _is_label_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(_is_int_key(k) and isinstance(x, str) for k, x in v.items())
+
+
+def _is_operating_point(v: Any) -> bool:
+    return v is None or (isinstance(v, dict) and _is_number(v.get("threshold")))
+
+
+_MAPPING: _Check = (lambda v: isinstance(v, dict), "a mapping")
+_INT: _Check = (_is_int, "an integer")
+_STR: _Check = (lambda v: isinstance(v, str), "a string")
+
+# Every field a consumer reads, checked whenever it is present (dotted names reach into a mapping).
+FIELDS: dict[str, _Check] = {
+    "model": (_is_tensor_dict, "a non-empty dict of named tensors (the state dict)"),
+    "model_name": (lambda v: isinstance(v, str) and bool(v), "a model name (a string)"),
+    "model_args": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a mapping of arguments"),
+    "config": _MAPPING,
+    "preprocessing": _MAPPING,
+    "task": _STR,
+    "label_names": (_is_label_map, "a mapping of label numbers to names"),
+    "mask_label_names": (_is_label_map, "a mapping of label numbers to names"),
+    "mask_kinds": (_is_label_map, "a mapping of label numbers to kinds"),
+    "operating_point": (_is_operating_point, "null or a mapping with a numeric threshold"),
+    "calibration": _MAPPING,
+    "versions": _MAPPING,
+    "manifest_sha256": _STR,
+    DIGEST_KEY: (lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None, "a SHA-256 hex"),
+    "seed": _INT,
+    "world_size": _INT,
+    "epoch": (lambda v: _is_int(v) and v >= 0, "a whole number"),
+    "stage": (lambda v: _is_int(v) and v >= 0, "a whole number"),
+    "stage_epoch": (lambda v: _is_int(v) and v >= 0, "a whole number"),
+    "history": (lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v), "a list of epoch records"),
+    "best": _MAPPING,
+    "best.value": (lambda v: v is None or _is_number(v), "null or a number"),
+    "best.epoch": (lambda v: v is None or _is_int(v), "null or an integer"),
+    "best.bad_epochs": _INT,
+    "optimizer": _MAPPING,
+    "scheduler": _MAPPING,
+    "rng": _MAPPING,
+    "rng.python": (lambda v: isinstance(v, list) and len(v) > 2, "a list (Python's generator state)"),
+    "rng.numpy": (lambda v: isinstance(v, torch.Tensor), "a tensor (NumPy's generator state)"),
+    "rng.numpy_pos": _INT,
+    "rng.torch": (lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8, "a uint8 tensor"),
+}
+# What every use needs (rebuild the network and its preprocessing), and what --resume needs besides.
+REQUIRED = ("model", "model_name", "model_args", "preprocessing")
+RESUME_REQUIRED = (
+    *REQUIRED,
+    "config",
+    "epoch",
+    "stage",
+    "stage_epoch",
+    "history",
+    "best",
+    "best.value",
+    "best.epoch",
+    "best.bad_epochs",
+    "optimizer",
+    "scheduler",
+    "rng",
+    "rng.python",
+    "rng.numpy",
+    "rng.numpy_pos",
+    "rng.torch",
+)
+_EDITED_FIX = "the file was edited or damaged: re-copy it, or use a best.pt/last.pt written by medhybrid train"
+
+
+def _lookup(ckpt: Mapping[str, Any], name: str) -> tuple[bool, Any]:
+    node: Any = ckpt
+    for part in name.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def check_checkpoint(ckpt: Any, path: Path, require: Sequence[str] = REQUIRED) -> dict[str, Any]:
+    """``ckpt`` as a checked medhybrid checkpoint: its format, the fields in ``require`` present, every
+    field of :data:`FIELDS` of its type, and its weights matching the digest recorded at save time.
+    Returns it with ``weights_sha256`` set (computed, with a warning, for a checkpoint without one).
 
     Raises:
-        CheckpointError: missing or unreadable file, or not a medhybrid checkpoint.
+        CheckpointError: not a medhybrid checkpoint, a newer format, a missing or mistyped field (named),
+            or weights that differ from the recorded digest.
     """
-    path = Path(path)
-    ckpt = _torch_load(path, map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(
             "not a medhybrid checkpoint", path=path, fix="give a best.pt/last.pt written by medhybrid train"
         )
-    if int(ckpt.get("format_version", 0)) > FORMAT_VERSION:
+    version = ckpt.get("format_version", 0)
+    if not _is_int(version):
+        raise CheckpointError(f"field 'format_version' must be an integer, got {version!r}", path=path, fix=_EDITED_FIX)
+    if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"checkpoint format {ckpt['format_version']} is newer than this medhybrid ({FORMAT_VERSION})",
+            f"checkpoint format {version} is newer than this medhybrid ({FORMAT_VERSION})",
             path=path,
             fix="upgrade medhybrid",
         )
+    for name in dict.fromkeys((*require, *FIELDS)):
+        present, value = _lookup(ckpt, name)
+        if not present:
+            if name in require:
+                raise CheckpointError(f"field {name!r} is missing", path=path, fix=_EDITED_FIX)
+            continue
+        test, what = FIELDS[name]
+        if not test(value):
+            raise CheckpointError(f"field {name!r} must be {what}, got {_describe(value)}", path=path, fix=_EDITED_FIX)
+    if "model" not in ckpt:
+        return ckpt
+    digest = weights_digest(ckpt["model"])
+    recorded = ckpt.get(DIGEST_KEY)
+    if recorded is None:
+        logger.warning(
+            "%s: no weights digest recorded (saved by an older medhybrid): its integrity cannot be checked", path
+        )
+    elif recorded != digest:
+        raise CheckpointError(
+            "weights do not match the digest recorded when it was saved: the file is corrupt or was edited",
+            path=path,
+            fix="re-copy it or retrain",
+        )
+    ckpt[DIGEST_KEY] = digest
     return ckpt
 
 
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        kinds = sorted({type(v).__name__ for v in value.values()})
+        return f"a dict of {', '.join(kinds) or 'nothing'}"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
+
+
+def load_checkpoint(
+    path: Path, map_location: str | torch.device = "cpu", *, require: Sequence[str] = REQUIRED
+) -> dict[str, Any]:
+    """Load a medhybrid checkpoint with ``weights_only=True`` and check it (:func:`check_checkpoint`).
+
+    Args:
+        require: the fields that must be present: :data:`REQUIRED` (what inference needs) by default,
+            :data:`RESUME_REQUIRED` to continue training from it.
+
+    Raises:
+        CheckpointError: missing or unreadable file, a file that would run code when unpickled, not a
+            medhybrid checkpoint, a missing or mistyped field, or weights that differ from their digest.
+    """
+    path = Path(path)
+    return check_checkpoint(_torch_load(path, map_location), path, require)
+
+
 def _torch_load(path: Path, map_location: str | torch.device) -> Any:
+    """The one ``torch.load`` of medhybrid: ``weights_only=True``, every failure a :class:`CheckpointError`."""
     if not path.is_file():
         raise CheckpointError("file not found", path=path, fix="check the path")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises pickle, zip and runtime errors for bad files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found or "Weights only load failed" in text:
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"refused by torch.load(weights_only=True): it holds pickled Python objects{what}, which could "
+                "run code when loaded",
+                path=path,
+                fix="load only files from a trusted source; give a best.pt/last.pt written by medhybrid train or "
+                "a plain state dict (torch.save(model.state_dict()))",
+            ) from None
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         raise CheckpointError(
             f"cannot be loaded with weights_only=True ({first[:200]})",
             path=path,
@@ -260,10 +435,14 @@ def load_pretrained(model: nn.Module, path: Path) -> LoadReport:
     differs are skipped and reported, never half-copied.
 
     Raises:
-        CheckpointError: unreadable file, no state dict inside, or not one tensor usable.
+        CheckpointError: unreadable file, one that would run code when unpickled, a medhybrid checkpoint that
+            fails its checks (:func:`check_checkpoint`), no state dict inside, or not one tensor usable.
     """
     path = Path(path)
-    state, source = unwrap_state_dict(_torch_load(path, "cpu"), path)
+    obj = _torch_load(path, "cpu")
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:  # a medhybrid checkpoint: checked like any load
+        obj = check_checkpoint(obj, path, require=("model",))
+    state, source = unwrap_state_dict(obj, path)
     target = model.state_dict()
     state, layout = remap_keys(state, set(target))
     report = LoadReport(layout=f"{layout} from {source}")

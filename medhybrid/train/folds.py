@@ -35,8 +35,8 @@ import numpy as np
 from medhybrid.config import PipelineConfig
 from medhybrid.errors import ConfigError, TrainingError
 from medhybrid.io.manifest import Manifest, ManifestRow, pseudonymous_patients, read_manifest, write_manifest
+from medhybrid.io.writers import sha256_file
 from medhybrid.train import records
-from medhybrid.train.checkpoint import sha256_file
 from medhybrid.train.data import load_task_data
 from medhybrid.train.distributed import from_env
 from medhybrid.train.loop import EpochCallback, train

@@ -8,7 +8,12 @@ TensorBoard, curves. ``train.early_stopping`` ends a stage after that many epoch
 
 Exact resume: generator states are re-derived from ``(seed, epoch)`` at every epoch start (see
 :mod:`medhybrid.train.data`), so continuing from ``last.pt`` replays the remaining epochs exactly as an
-uninterrupted run would.
+uninterrupted run would. A run killed before its first ``last.pt`` (``run.json`` still says ``running``)
+has nothing to continue from: ``--resume`` starts it again from epoch 1.
+
+What a kill leaves behind: every file is replaced atomically (checkpoints also fsynced), ``last.pt`` is
+the newest complete epoch, and ``run.json`` says ``running`` until the very last write, so a killed run
+is never taken for a finished one (:func:`medhybrid.train.records.finished_run`).
 """
 
 from __future__ import annotations
@@ -26,21 +31,22 @@ import torch
 from torch import nn
 
 from medhybrid.config import PipelineConfig
-from medhybrid.errors import ConfigError, ModelError, TrainingError
+from medhybrid.errors import CheckpointError, ConfigError, ModelError, TrainingError
 from medhybrid.evaluate.study_score import lesion_labels
+from medhybrid.io.writers import sha256_file
 from medhybrid.models import create_model, get_entry
 from medhybrid.models.base import MedModel
 from medhybrid.runtime import autocast, configure_threads, seed_everything
 from medhybrid.train import distributed as dist_utils
 from medhybrid.train import records
 from medhybrid.train.checkpoint import (
+    RESUME_REQUIRED,
     load_checkpoint,
     load_pretrained,
     package_versions,
     rng_state,
     save_checkpoint,
     set_rng_state,
-    sha256_file,
 )
 from medhybrid.train.data import TaskData, build_loaders, class_weights, load_task_data, mix_seed
 from medhybrid.train.evaluate import Validator, is_better
@@ -133,6 +139,10 @@ class Trainer:
 
     def _check_run_dir(self) -> None:
         if self.resume and not self.last_path.is_file():
+            if records.unfinished_run(self.run_dir):
+                logger.warning("%s: killed before its first epoch ended: starting it again", self.run_dir)
+                self.resume = False
+                return
             raise TrainingError(
                 "--resume: no last.pt in the run folder", path=self.run_dir, fix="start without --resume"
             )
@@ -159,8 +169,9 @@ class Trainer:
         cfg, info = self.cfg, self.info
         start = None
         if self.resume:
-            start = load_checkpoint(self.last_path)
+            start = load_checkpoint(self.last_path, require=RESUME_REQUIRED)
             _check_same_config(start["config"], cfg.to_dict(), self.last_path)
+            _check_resumable(start, cfg, self.last_path)
         seed_everything(cfg.runtime.seed)
         task = load_task_data(cfg)
         self.task = task
@@ -196,8 +207,8 @@ class Trainer:
         if start is not None:
             if info.is_main:
                 self._repair_best(start)
-            model.load_state_dict(start["model"])
-            set_rng_state(start["rng"])  # for completeness: every epoch re-derives its generators anyway
+            _restore(self.last_path, "model", model.load_state_dict, start["model"])
+            _restore(self.last_path, "rng", set_rng_state, start["rng"])  # every epoch re-derives them anyway
             history = list(start["history"])
             best = start["best"]
             best_value, best_epoch, bad_epochs = best["value"], best["epoch"], best["bad_epochs"]
@@ -233,8 +244,8 @@ class Trainer:
                 )
                 stage_epoch = 0
                 if start is not None and s == first_stage and first_stage_epoch > 0:
-                    optimizer.load_state_dict(start["optimizer"])
-                    scheduler.load_state_dict(start["scheduler"])
+                    _restore(self.last_path, "optimizer", optimizer.load_state_dict, start["optimizer"])
+                    _restore(self.last_path, "scheduler", scheduler.load_state_dict, start["scheduler"])
                     stage_epoch = first_stage_epoch
                 else:
                     bad_epochs = 0
@@ -285,6 +296,7 @@ class Trainer:
                     if info.is_main:
                         payload = self._payload(model, optimizer, scheduler, s, stage_epoch, epoch, history, best_state)
                         save_checkpoint(self.last_path, payload)
+                        records.fault_point("after_checkpoint")
                         if improved:
                             save_checkpoint(self.best_path, payload)
                         records.write_metrics(self.run_dir, history)
@@ -304,6 +316,7 @@ class Trainer:
                 tb.close()
         if best_epoch is None and info.is_main:  # nothing ever improved (e.g. NaN metric): keep the last
             save_checkpoint(self.best_path, load_checkpoint(self.last_path))
+        records.fault_point("before_finish")
         self._write_run_manifest(history, best_epoch, best_value, status=status)
         return RunResult(self.run_dir, history, best_epoch, best_value, status)
 
@@ -364,6 +377,7 @@ class Trainer:
                 nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
             optimizer.step()
             scheduler.step()
+            records.fault_point("train_step")
             total += float(loss.item())
             count += 1
         return dist_utils.mean_across(self.info, total / max(1, count), self.device)
@@ -449,6 +463,42 @@ class Trainer:
                 "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
         )
+
+
+def _check_resumable(start: dict[str, Any], cfg: PipelineConfig, path: Path) -> None:
+    """What the checked fields of ``last.pt`` must also agree on with the pipeline (same config already).
+
+    Raises:
+        CheckpointError: the stage or epoch counters do not fit the pipeline's stages or the history.
+    """
+    stages = cfg.train.stages
+    if start["stage"] >= len(stages) or start["stage_epoch"] > stages[start["stage"]].epochs:
+        raise CheckpointError(
+            f"field 'stage'/'stage_epoch' ({start['stage']}/{start['stage_epoch']}) does not fit the pipeline's "
+            f"{len(stages)} stages",
+            path=path,
+            fix="the file was edited or damaged: start a new --out folder",
+        )
+    if len(start["history"]) != start["epoch"]:
+        raise CheckpointError(
+            f"field 'history' holds {len(start['history'])} epochs but 'epoch' is {start['epoch']}",
+            path=path,
+            fix="the file was edited or damaged: start a new --out folder",
+        )
+
+
+def _restore(path: Path, name: str, load: Callable[[Any], Any], state: Any) -> None:
+    """``load(state)`` for one part of ``last.pt`` (model, optimizer, scheduler, generators); a state that
+    does not fit is a :class:`CheckpointError` naming the field, not a traceback."""
+    try:
+        load(state)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(
+            f"field {name!r} does not fit this pipeline's {name} ({first[:200]})",
+            path=path,
+            fix="the file was edited or damaged: start a new --out folder",
+        ) from None
 
 
 def _check_same_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:

@@ -1,12 +1,21 @@
 """What a run leaves behind besides checkpoints: ``metrics.jsonl``, TensorBoard events, curves PNG,
 ``config.yaml`` and the run manifest ``run.json``. Only rank 0 writes; every file is written atomically
-(``metrics.jsonl`` is rewritten whole each epoch from the history, so a kill never leaves half a line).
+and fsynced (``metrics.jsonl`` is rewritten whole each epoch from the history, so a kill never leaves half
+a line). ``run.json`` says ``running`` until the run's last write: :func:`finished_run` is the one test of
+whether a run folder holds a finished run.
+
+:func:`fault_point` is a test-only hook: ``MEDHYBRID_FAULT_POINT=NAME[:N]`` makes the process SIGKILL
+itself the N-th time (default 1) it passes the named point, so fault tests can stop a run at an exact
+place (``train_step``, ``after_checkpoint``, ``before_finish``, ``evaluate_study``, ``evaluate_outputs``).
+Unset, it does nothing.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +31,21 @@ BEST_FILE, LAST_FILE, TB_DIR = "best.pt", "last.pt", "tensorboard"
 # a cross-validation run (`train --folds`): its fold models, and the folds themselves
 ENSEMBLE_FILE, FOLDS_FILE, CV_DIR = "ensemble.json", "folds.json", "cv"
 METRICS_JSON = "metrics.json"  # what `evaluate` (and the pooled cross-validation report) writes
+FAULT_ENV = "MEDHYBRID_FAULT_POINT"
+_fault_passes: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process here if ``MEDHYBRID_FAULT_POINT`` names this point (module docstring)."""
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
+        return
+    point, _, nth = wanted.partition(":")
+    if point != name:
+        return
+    _fault_passes[name] = _fault_passes.get(name, 0) + 1
+    if _fault_passes[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def json_safe(value: Any) -> Any:
@@ -41,16 +65,17 @@ def json_safe(value: Any) -> Any:
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    return atomic_write_bytes(path, (json.dumps(json_safe(obj), indent=2) + "\n").encode())
+    # fsynced before the rename: after a power cut the file is the old or the new one, never empty
+    return atomic_write_bytes(path, (json.dumps(json_safe(obj), indent=2) + "\n").encode(), fsync=True)
 
 
 def write_config(run_dir: Path, config: dict[str, Any]) -> Path:
-    return atomic_write_bytes(run_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False).encode())
+    return atomic_write_bytes(run_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False).encode(), fsync=True)
 
 
 def write_metrics(run_dir: Path, history: Sequence[dict[str, Any]]) -> Path:
     lines = "".join(json.dumps(json_safe(h)) + "\n" for h in history)
-    return atomic_write_bytes(run_dir / METRICS_FILE, lines.encode())
+    return atomic_write_bytes(run_dir / METRICS_FILE, lines.encode(), fsync=True)
 
 
 def finished_run(run_dir: Path, digest: str) -> dict[str, Any] | None:
@@ -60,6 +85,14 @@ def finished_run(run_dir: Path, digest: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return done if done.get("status") not in (None, "running") and done.get("config_digest") == digest else None
+
+
+def unfinished_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that started and never finished (``run.json`` says ``running``)."""
+    try:
+        return json.loads((Path(run_dir) / RUN_FILE).read_text()).get("status") == "running"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -59,7 +59,11 @@ def domain_errors(func: F) -> F:
 
 
 def configure_logging(verbosity: int) -> None:
-    """Configure the root handler once: WARNING by default, INFO with -v, DEBUG with -vv."""
+    """Configure the root handler once: WARNING by default, INFO with -v, DEBUG with -vv.
+
+    Python warnings (pydicom on odd header values, MONAI, torch) become log records of ``py.warnings``:
+    hidden by default, shown with -v.
+    """
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -69,11 +73,14 @@ def configure_logging(verbosity: int) -> None:
     handler._medhybrid = True  # type: ignore[attr-defined]
     handler.setLevel(level)  # a module may lower its logger's level for a file log (infer.log); not the console
     if verbosity <= 1:
-        # Third-party libraries (pydicom's validation chatter, decoder tracebacks) are heard only with -vv:
-        # every failure that matters reaches the user as a typed error or a QC reason instead.
-        handler.addFilter(lambda record: record.name.split(".")[0] == "medhybrid")
+        # Third-party libraries (pydicom's validation chatter, decoder tracebacks) are heard only with -vv,
+        # their warnings with -v: every failure that matters reaches the user as a typed error or a QC
+        # reason instead.
+        warnings_too = ("py.warnings",) if verbosity == 1 else ()
+        handler.addFilter(lambda record: record.name.split(".")[0] == "medhybrid" or record.name in warnings_too)
     root.addHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(True)  # warnings.warn goes to the "py.warnings" logger, not straight to stderr
 
 
 @contextmanager

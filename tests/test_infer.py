@@ -221,9 +221,11 @@ def test_failures_are_listed_and_do_not_stop_the_batch(cohort: Path, run_dir: Pa
     assert len(result.done) == N_STUDIES
     reasons = {f["source"]: f for f in result.failed}
     assert reasons["broken.nii.gz"]["error"] == "image_read"
-    assert any("dicom_bad" in k for k in reasons), reasons
+    # the truncated file is named (rejected by the header pass), and its series, now a slice short, is rejected
+    assert reasons[str(Path("dicom_bad") / first.name)]["error"] == "truncated_file"
+    assert reasons["dicom_bad"]["error"] == "no_series" and "QC reject" in reasons["dicom_bad"]["reason"]
     rows = list(csv.DictReader((tmp_path / "out" / "summary.csv").open()))
-    assert sum(r["status"] == "failed" for r in rows) == len(result.failed) == 2
+    assert sum(r["status"] == "failed" for r in rows) == len(result.failed) == 3
     index = (tmp_path / "out" / "index.html").read_text()
     assert "Failed" in index and "broken.nii.gz" in index
 

@@ -94,6 +94,23 @@ def test_an_empty_character_set_is_the_default_repertoire(infer_cohort: Path, ti
     assert str(pydicom.dcmread(d / "sr.dcm").get("SpecificCharacterSet", "ISO_IR 100")) in ("ISO_IR 100", "")
 
 
+def test_a_file_in_a_private_syntax_is_named_failed_and_the_batch_goes_on(
+    infer_cohort: Path, tiny_run: Path, tmp_path: Path
+) -> None:
+    folder = dicom_copy(infer_cohort, tmp_path / "in", n=2)
+    odd = tmp_path / "in" / "ge"
+    odd.mkdir()
+    ds = pydicom.dcmread(sorted((folder / "synth_0000").iterdir())[0])
+    ds.file_meta.TransferSyntaxUID = "1.2.840.113619.5.2"
+    ds.SeriesInstanceUID = ds.StudyInstanceUID = ds.SOPInstanceUID = "1.2.3.4.5.6"
+    ds.save_as(odd / "IM0001.dcm", enforce_file_format=True)
+    proc = run_cli(["infer", str(tmp_path / "in"), "--model", str(tiny_run), "--out", str(tmp_path / "out")])
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "2 studies reported" in proc.stdout and "1 failed" in proc.stdout
+    summary = (tmp_path / "out" / "summary.csv").read_text()
+    assert "unsupported_syntax" in summary and "IM0001.dcm" in summary
+
+
 # --- what is read, and what is not -------------------------------------------------------------------------
 
 

@@ -45,9 +45,9 @@ from medhybrid.infer.study_outputs import OLD_PREFIX, PARTIAL_PREFIX, REPORT_FIL
 from medhybrid.infer.tasks import InferOptions, StudyTask, find_studies, follow_dicomdir, raise_no_studies
 from medhybrid.infer.worklist import row_from_report, run_key, summary_row, write_summary
 from medhybrid.io.dicom import load_series
-from medhybrid.io.dicom_files import OUTPUT_MARKER, third_party_failure
+from medhybrid.io.dicom_files import OUTPUT_MARKER, FileProblem, third_party_failure
 from medhybrid.io.readers import read_geometry, read_image
-from medhybrid.io.study import Study
+from medhybrid.io.study import Study, study_key
 from medhybrid.io.writers import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -125,8 +125,9 @@ def _run_locked(
             predictor.threshold,
             predictor.operating_point.get("method"),
         )
-        for problem in rejected:
+        for problem in rejected:  # a file that claimed to be a DICOM image and failed is named in the worklist
             logger.info("rejected file %s: %s", problem.path, problem.reason)
+            book.fail(_rejected_row(problem, input_path))
         todo = _plan(tasks, out, options, book)
         pipeline = _Pipeline(predictor, out, options, book, input_path)
         pipeline.run(todo)
@@ -399,6 +400,11 @@ def _failure(task: StudyTask, source: str, code: str, reason: str) -> dict[str, 
         "error": code,
         "reason": reason,
     }
+
+
+def _rejected_row(problem: FileProblem, input_path: Path) -> dict[str, Any]:
+    task = StudyTask(key=study_key(str(problem.path.resolve())), source=problem.path, kind="dicom")
+    return _failure(task, _relative(problem.path, input_path), problem.code, f"{problem.path.name}: {problem.reason}")
 
 
 def _relative(path: Path, root: Path) -> str:

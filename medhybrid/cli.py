@@ -477,6 +477,14 @@ def infer_cmd(
     tta: Annotated[bool, typer.Option("--tta", help="Average over flips along each axis (slower, steadier).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo studies that already have a report.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Assess studies outside the model's scope (other modality, dimensions, spacing, field of view) "
+            "instead of reporting them NOT ASSESSED; each report says it was forced.",
+        ),
+    ] = False,
     include_phi: Annotated[
         bool, typer.Option("--include-phi", help="Put PatientName/ID/BirthDate in reports and DICOM outputs.")
     ] = False,
@@ -503,6 +511,7 @@ def infer_cmd(
         tta=tta,
         device=device,
         overwrite=overwrite,
+        force=force,
         include_phi=include_phi,
         threshold=threshold,
         rules=SelectionRules(
@@ -516,15 +525,22 @@ def infer_cmd(
             text = f"{row['study_key']}: FAILED ({row['error']}) {row['reason']}"
         else:
             score = row.get("probability")
-            verdict = f"p={float(score):.3f} {row['decision']}" if score not in ("", None) else "no verdict (anatomy)"
+            if row["status"] == "not_assessed":
+                verdict = f"NOT ASSESSED ({row['reason']})"
+            elif score not in ("", None):
+                verdict = f"p={float(score):.3f} {row['decision']}"
+            else:
+                verdict = "no verdict (anatomy)"
             text = f"{row['study_key']}: {verdict}"
             text += " (already done)" if row["status"] == "skipped" else ""
         stderr.print(text, highlight=False, markup=False, soft_wrap=True)
 
     result = run_inference(input_path, model, out, options, on_study=show)
+    not_assessed = sum(r.get("status") == "not_assessed" for r in result.done)
     stdout.print(
-        f"{len(result.done)} studies reported ({len(result.skipped)} already done), {len(result.failed)} failed "
-        f"in {result.seconds:.1f} s",
+        f"{len(result.done)} studies reported ({len(result.skipped)} already done"
+        + (f", {not_assessed} NOT ASSESSED: outside the model's scope" if not_assessed else "")
+        + f"), {len(result.failed)} failed in {result.seconds:.1f} s",
         highlight=False,
     )
     stdout.print(f"worklist: {result.index.resolve()}", highlight=False, soft_wrap=True)

@@ -55,7 +55,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "modality": "CT",
             "intensity": "ct_soft_tissue",
             "spacing": [1.5, 1.5, 2.5],
-            "spatial_size": [32, 32, 16],
+            "spatial_size": [32, 32, 32],  # the whole 48 x 48 x 80 mm phantom: every study in scope
         },
         "model": {"name": "hybrid_tiny_3d"},
         "train": {"batch_size": 2, "stages": [{"name": "all", "epochs": 1, "lr": 0.003}]},

@@ -32,7 +32,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ import numpy as np
 from medhybrid.errors import InferenceError, InputError, MedHybridError
 from medhybrid.infer.lock import output_lock
 from medhybrid.infer.predictor import Prediction, Predictor, Prepared
+from medhybrid.infer.scope import Reason, before_model
 from medhybrid.infer.study_outputs import OLD_PREFIX, PARTIAL_PREFIX, REPORT_FILE, check_dims, finish_study
 from medhybrid.infer.tasks import InferOptions, StudyTask, find_studies, follow_dicomdir, raise_no_studies
 from medhybrid.infer.worklist import row_from_report, run_key, summary_row, write_summary
@@ -209,6 +210,7 @@ class _Item:
     prepared: Prepared | None = None
     pred: Prediction | None = None
     failure: tuple[str, str] | None = None  # (error code, reason)
+    out_of_scope: list[Reason] = field(default_factory=list)  # why the study is NOT ASSESSED (infer/scope.py)
     t_load: float = 0.0
 
 
@@ -233,8 +235,7 @@ class _Pipeline:
         writer.start()
         try:
             while (item := self.loaded.get()) is not None:
-                if item.failure is None:
-                    assert item.prepared is not None
+                if item.failure is None and item.prepared is not None:
                     try:
                         item.pred = self.predictor.run(item.prepared)
                     except BaseException as exc:  # recorded per study, the batch goes on
@@ -286,8 +287,10 @@ class _Pipeline:
                         raise task.error
                     item.study = load_series(task.series) if task.series is not None else read_image(task.source)
                     item.t_load = time.perf_counter() - t0
-                    check_dims(item.study, self.predictor, task)
-                    item.prepared = self.predictor.preprocess(item.study)
+                    item.out_of_scope = before_model(item.study, self.predictor.scope)
+                    if not item.out_of_scope or self.options.force:  # else NOT ASSESSED: the model never runs
+                        check_dims(item.study, self.predictor, task)
+                        item.prepared = self.predictor.preprocess(item.study)
                 except BaseException as exc:  # recorded per study (a decoder panic too), the batch goes on
                     if not third_party_failure(exc):
                         raise
@@ -316,11 +319,11 @@ class _Pipeline:
             try:
                 if item.failure is None:
                     try:
-                        assert item.study is not None and item.pred is not None
+                        assert item.study is not None
                         timing = (item.t_load, item.source)
                         report, timings = finish_study(
                             item.task, item.study, item.pred, timing, self.predictor, self.out, self.options,
-                            self.book.run_key,
+                            self.book.run_key, item.out_of_scope,
                         )  # fmt: skip
                     except BaseException as exc:  # recorded per study, the batch goes on
                         if not third_party_failure(exc):
@@ -331,11 +334,12 @@ class _Pipeline:
                             self.stop.set()  # every further study would fail the same way
                     else:
                         logger.info(
-                            "study %s: score %s %s (%.2f s)",
+                            "study %s: score %s %s (%.2f s)%s",
                             item.task.key,
                             "n/a" if report.probability is None else f"{report.probability:.3f}",
                             report.decision or "(no verdict)",
                             timings["total"],
+                            "".join(f"; {r.message}" for r in report.assessment.reasons),
                         )
                         self.book.done(summary_row(report), timings)
                 if item.failure is not None:

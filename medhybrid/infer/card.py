@@ -57,6 +57,7 @@ def model_card(predictor: Predictor) -> dict[str, Any]:
             if k in preprocessing
         },
         "versions": ckpt.get("versions") or {},
+        "scope": predictor.scope.as_dict(),
         "intended_use": INTENDED_USE,
     }
     if predictor.ensemble is not None:

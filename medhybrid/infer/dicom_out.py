@@ -835,12 +835,15 @@ def write_sr(
 def _check_findings(findings: Findings, headers: Sequence[SliceHeader]) -> None:
     where = headers[0].path.parent
     verdict = (findings.probability, findings.decision, findings.threshold)
-    if any(v is None for v in verdict) and any(v is not None for v in verdict):
+    if findings.decision == "not_assessed":  # outside the model's scope: no score, no threshold
+        if findings.probability is not None or findings.threshold is not None:
+            raise InputError("findings: a study not assessed has no probability or threshold", path=where)
+    elif any(v is None for v in verdict) and any(v is not None for v in verdict):
         raise InputError(
             "findings: probability, decision and threshold must be given together (or all None: no verdict)",
             path=where,
         )
-    if findings.decision is not None:
+    if findings.decision not in (None, "not_assessed"):
         for field, value in (("probability", findings.probability), ("threshold", findings.threshold)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
                 raise InputError(f"findings.{field} must be a number in 0..1, got {value!r}", path=where)
@@ -885,7 +888,19 @@ def _check_seg(seg: Dataset, first: SliceHeader) -> None:
 def _classification_group(
     findings: Findings, series_uid: str, algorithm: AlgorithmInfo, algorithm_id: hd.sr.AlgorithmIdentification
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group: probability of abnormality and the decision."""
+    """TID 1501 group: probability of abnormality and the decision; for a study outside the model's scope,
+    Normality = Not Evaluated (SCT 373121007) and no measurement."""
+    if findings.decision == "not_assessed":
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=derive_uid(series_uid, algorithm.weights_sha256, "sr", "classification"),
+                identifier="study classification",
+            ),
+            algorithm_id=algorithm_id,
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(name=codes.DCM.Normality, value=codes.SCT.NotEvaluated)
+            ],
+        )
     assert findings.probability is not None  # only called with a verdict (checked in _check_findings)
     probability = hd.sr.Measurement(
         name=codes.DCM.Probability if findings.is_probability else codes.SCT.Score,

@@ -45,6 +45,7 @@ from medhybrid.infer.loading import (
 )
 from medhybrid.infer.resample import lift_affine
 from medhybrid.infer.saliency import SALIENCY_METHODS, normalise
+from medhybrid.infer.scope import scope_from_checkpoint
 from medhybrid.io.study import Study, spacing_from_affine
 from medhybrid.models.base import MedModel
 from medhybrid.runtime import autocast
@@ -160,6 +161,7 @@ class Predictor:
             self.operating_point = dict(stored)
         else:
             self.operating_point = {"threshold": DEFAULT_THRESHOLD, "method": "default (none stored in checkpoint)"}
+        self.scope = scope_from_checkpoint(ckpt)  # what it may assess (medhybrid/infer/scope.py)
         self.card = model_card(self)
 
     @property

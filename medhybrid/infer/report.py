@@ -14,8 +14,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
-SCHEMA_VERSION = "2.1"  # 2.0: probability/decision/operating_point may be null; structures; run_key
+SCHEMA_VERSION = "2.2"  # 2.0: probability/decision/operating_point may be null; structures; run_key
 # 2.1: output_errors (an output that could not be written), outputs.sha256 (what a rerun verifies)
+# 2.2: decision "not_assessed" and assessment (the model's scope: medhybrid/infer/scope.py)
 
 
 class _Model(BaseModel):
@@ -57,6 +58,17 @@ class Lesion(_Model):
 
 class Structure(Lesion):
     """A mask label of kind ``anatomy`` (a normal structure, e.g. the hippocampus): measured, never a finding."""
+
+
+class ScopeReason(_Model):
+    code: str = Field(description="modality, dimensions, localizer, spacing, field_of_view, qc_reject")
+    message: str
+
+
+class Assessment(_Model):
+    assessed: bool = Field(description="false: the study is outside the model's scope and got no verdict")
+    forced: bool = Field(False, description="assessed although outside the scope (--force)")
+    reasons: list[ScopeReason] = Field([], description="why the study is outside the model's scope")
 
 
 class QCFlag(_Model):
@@ -121,7 +133,11 @@ class StudyReport(_Model):
     score_method: str | None = Field(
         None, description="classifier, or how a segmentation-only model's lesion score is defined; null: no score"
     )
-    decision: Literal["abnormal", "normal"] | None = Field(description="null when the model gives no verdict")
+    decision: Literal["abnormal", "normal", "not_assessed"] | None = Field(
+        description="null when the model gives no verdict (anatomy); not_assessed when the study is outside the "
+        "model's scope (see assessment): never normal then"
+    )
+    assessment: Assessment = Field(Assessment(assessed=True), description="the model's scope applied to the study")
     operating_point: OperatingPoint | None
     class_probabilities: dict[str, float] | None = Field(None, description="per class name; None without a classifier")
     lesions: list[Lesion] = Field(description="per lesion mask class; empty without a segmentation output")

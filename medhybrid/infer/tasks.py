@@ -41,6 +41,7 @@ class InferOptions:
     tta: bool = False
     device: str = "auto"
     overwrite: bool = False
+    force: bool = False  # assess studies outside the model's scope anyway (the report says so)
     include_phi: bool = False
     threshold: float | None = None
     rules: SelectionRules = field(default_factory=SelectionRules)

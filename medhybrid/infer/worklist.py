@@ -40,7 +40,7 @@ SUMMARY_FIELDS = (
 def summary_row(report: StudyReport) -> dict[str, Any]:
     return {
         "study_key": report.study_key,
-        "status": "ok",
+        "status": "not_assessed" if report.decision == "not_assessed" else "ok",
         "probability": "" if report.probability is None else report.probability,
         "decision": report.decision or "",
         "threshold": report.operating_point.threshold if report.operating_point is not None else "",
@@ -52,7 +52,10 @@ def summary_row(report: StudyReport) -> dict[str, Any]:
         "report": f"{report.study_key}/report.html",
         "thumbnail": True,
         "error": "output_failed" if report.output_errors else "",
-        "reason": "; ".join(f"{e.output} not written: {e.reason}" for e in report.output_errors),
+        "reason": "; ".join(
+            [f"not assessed: {r.message}" for r in report.assessment.reasons if not report.assessment.assessed]
+            + [f"{e.output} not written: {e.reason}" for e in report.output_errors]
+        ),
     }
 
 
@@ -71,6 +74,8 @@ def run_key(predictor: Predictor, options: InferOptions) -> str:
         "saliency": list(predictor.saliency_methods),
         "include_phi": options.include_phi,
         "dicom_outputs": options.dicom_outputs,
+        "force": options.force,
+        "scope": predictor.scope.as_dict(),
         "version": __version__,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:32]

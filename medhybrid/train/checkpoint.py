@@ -199,6 +199,7 @@ FIELDS: dict[str, _Check] = {
     "mask_kinds": (_is_label_map, "a mapping of label numbers to kinds"),
     "operating_point": (_is_operating_point, "null or a mapping with a numeric threshold"),
     "calibration": _MAPPING,
+    "scope": _MAPPING,
     "versions": _MAPPING,
     "manifest_sha256": _STR,
     DIGEST_KEY: (lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None, "a SHA-256 hex"),

@@ -33,6 +33,7 @@ from torch import nn
 from medhybrid.config import PipelineConfig
 from medhybrid.errors import CheckpointError, ConfigError, ModelError, TrainingError
 from medhybrid.evaluate.study_score import lesion_labels
+from medhybrid.infer.scope import manifest_scope
 from medhybrid.io.writers import sha256_file
 from medhybrid.models import create_model, get_entry
 from medhybrid.models.base import MedModel
@@ -199,6 +200,7 @@ class Trainer:
             lesions=lesion_labels(task.mask_kinds),
         )
         self.manifest_sha = sha256_file(cfg.data.manifest)
+        self.scope = manifest_scope(cfg.data)  # what inference may assess (medhybrid/infer/scope.py)
 
         history: list[dict[str, Any]] = []
         best_value: float | None = None
@@ -406,6 +408,7 @@ class Trainer:
             "rng": rng_state(),
             "config": config,
             "preprocessing": config["data"],
+            "scope": self.scope,
             "task": cfg.data.task,
             "label_names": {int(k): v for k, v in self.task.label_names.items()},
             "mask_label_names": {int(k): v for k, v in self.task.mask_label_names.items()},

@@ -18,14 +18,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-# Headless Chromium for the report rendering tests: Debian's package, installed when we are root with apt-get;
-# elsewhere those tests skip and say why.
+# Headless Chromium and its WebDriver for the report tests (rendering; the viewer driven by Selenium): Debian's
+# chromium and chromium-driver, installed when we are root with apt-get; elsewhere those tests skip and say why.
+BROWSER_PACKAGES := chromium chromium-driver
 browser:
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	@{ { command -v chromium || command -v chromium-browser; } && command -v chromedriver; } >/dev/null 2>&1 || \
 	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	  { apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
-	echo "chromium could not be installed: the browser tests will be skipped"
+	  { apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES) >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && \
+	      apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES) >/dev/null 2>&1; }; }; } || \
+	echo "chromium/chromium-driver could not be installed: the browser tests will be skipped"
 
 # The demo: a synthetic cohort (real DICOM series + NIfTI), the demo pipeline trains on it, `evaluate` scores it on
 # the cohort's test split (CIs, calibration fitted on val and stored in the model), then `infer` reports on 16 new

@@ -2,8 +2,9 @@
 
 Images are composed with NumPy and encoded with Pillow (no matplotlib figures: a figure costs ~100 ms,
 more than the model on a small study); matplotlib provides the colour maps only. ``report.html`` is
-self-contained (PNG images embedded as data URIs, inline CSS, no scripts), so it opens offline and can
-be mailed or archived as one file. Every string from the input is HTML-escaped.
+self-contained (PNG images embedded as data URIs, inline CSS; its one script, the viewer of
+:mod:`medhybrid.infer.viewer`, is inlined with its data), so it opens offline from ``file://`` and can be
+mailed or archived as one file. Every string from the input is HTML-escaped.
 
 Display convention: 3D scans are shown as axial slices the way a radiologist reads them, seen from the
 feet: patient right on the image's left, anterior at the top (the array is reoriented to LPS for display
@@ -33,7 +34,7 @@ THUMB_PX = 96
 MASK_COLOURS = np.array(
     [[0, 0, 0], [255, 64, 64], [64, 200, 255], [255, 210, 0], [120, 255, 120], [255, 120, 255]], dtype=np.float32
 )
-_SALIENCY_LUT = (matplotlib.colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.float32)
+SALIENCY_LUT = (matplotlib.colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.float32)
 SALIENCY_TITLES = {
     "gradcam": "Grad-CAM (encoder, last stage)",
     "attention": "Attention rollout (Transformer)",
@@ -121,7 +122,7 @@ def overlay_mask(base: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def overlay_saliency(base: np.ndarray, saliency: np.ndarray) -> np.ndarray:
     """Grey + a saliency map in [0, 255] -> RGB, the colour map blended in proportion to the saliency."""
     s = saliency.astype(np.float32) / 255.0
-    colour = _SALIENCY_LUT[np.clip(saliency, 0, 255).astype(np.uint8)]
+    colour = SALIENCY_LUT[np.clip(saliency, 0, 255).astype(np.uint8)]
     alpha = (0.7 * s)[..., None]
     return (1 - alpha) * base[..., None] + alpha * colour
 
@@ -195,6 +196,7 @@ h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:24px 0 8px;border-bot
 td,th{border:1px solid #d5d9de;padding:4px 8px;text-align:left;vertical-align:top}
 .badge{display:inline-block;padding:4px 10px;border-radius:4px;font-weight:600;color:#fff}
 .abnormal{background:#c62828} .normal{background:#2e7d32} .failed{background:#6d4c41} .none{background:#546e7a}
+.not_assessed{background:#ef6c00}
 .prob{font-size:32px;font-weight:700;margin-right:12px}
 .warn{color:#8a5a00} .reject{color:#b00020} .ok{color:#2e7d32}
 figure{display:inline-block;margin:0 8px 8px 0;vertical-align:top} figcaption{font-size:12px;color:#5b6570}
@@ -230,6 +232,14 @@ def _calibration_text(calibration: dict[str, Any]) -> str:
 
 def _verdict(report: dict[str, Any]) -> list[str]:
     """The score and decision at the top of a report, or why there is none."""
+    if report["decision"] == "not_assessed":
+        reasons = (report.get("assessment") or {}).get("reasons") or []
+        return [
+            '<p><span class="badge not_assessed">NOT ASSESSED</span></p>',
+            '<p class="muted">This study is outside what the model was trained on, so it gives no verdict '
+            "(not normal, not abnormal):</p>",
+            "<ul>" + "".join(f"<li>{_e(r['message'])}</li>" for r in reasons) + "</ul>",
+        ]
     if report["decision"] is None:
         return [
             '<p><span class="badge none">NO VERDICT</span></p>',
@@ -267,8 +277,9 @@ def _cv_text(cv: dict[str, Any]) -> str:
     return f"{', '.join(parts) or 'n/a'} over {cv.get('n')} studies, {cv.get('folds')} folds, pooled out-of-fold"
 
 
-def report_html(report: dict[str, Any], slices: list[dict[str, Any]], card: dict[str, Any]) -> bytes:
-    """``report.html`` from the report dict (``StudyReport.model_dump``), the key-slice panels and the model card."""
+def report_html(report: dict[str, Any], slices: list[dict[str, Any]], card: dict[str, Any], viewer: str = "") -> bytes:
+    """``report.html`` from the report dict (``StudyReport.model_dump``), the key-slice panels, the model card
+    and the interactive viewer's section (:func:`medhybrid.infer.viewer.viewer_html`; none when empty)."""
     parts = [
         f"<h1>Study {_e(report['study_key'])}</h1>",
         f'<div class="muted">{_e(report["source"]["format"].upper())} {_e(report["source"]["modality"])} · '
@@ -309,6 +320,8 @@ def report_html(report: dict[str, Any], slices: list[dict[str, Any]], card: dict
         parts.append(
             "<h2>Class probabilities</h2>" + _table([(k, f"{v:.3f}") for k, v in report["class_probabilities"].items()])
         )
+    if viewer:
+        parts.append(viewer)
     parts.append("<h2>Key slices</h2>")
     for s in slices:
         parts.append(f'<div><div class="muted">Slice {s["slice"] + 1} of {s["of"]}</div>')
@@ -399,7 +412,7 @@ def index_html(rows: Sequence[dict[str, Any]], failed: Sequence[dict[str, Any]],
         key = _e(r["study_key"])
         thumb = f'<img class="thumb" src="{key}/thumb.png" alt="thumbnail">' if r.get("thumbnail") else ""
         score = f"{float(r['probability']):.3f}" if r.get("probability") not in ("", None) else "n/a"
-        decision = r.get("decision") or "no verdict"
+        decision = {"not_assessed": "NOT ASSESSED"}.get(r.get("decision") or "", r.get("decision") or "no verdict")
         badge = r.get("decision") or "none"
         parts.append(
             f'<tr><td>{n}</td><td><a href="{key}/report.html">{thumb}</a></td>'

@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from medhybrid.errors import InferenceError, MedHybridError
 from medhybrid.infer.predictor import Prediction, Predictor
 from medhybrid.infer.render import DisplayFrame, render_panels, report_html, window_for
 from medhybrid.infer.report import (
+    Assessment,
     Lesion,
     ModelInfo,
     OperatingPoint,
@@ -26,6 +27,7 @@ from medhybrid.infer.report import (
     Outputs,
     QCFlag,
     Saliency,
+    ScopeReason,
     Source,
     Structure,
     StudyReport,
@@ -33,6 +35,7 @@ from medhybrid.infer.report import (
     measure_lesions,
 )
 from medhybrid.infer.resample import argmax_labels, to_native_many, to_uint8
+from medhybrid.infer.scope import Reason, after_model
 from medhybrid.infer.tasks import InferOptions, StudyTask
 from medhybrid.io.dicom import DicomSeries
 from medhybrid.io.dicom_files import OUTPUT_MARKER
@@ -43,8 +46,6 @@ logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
 PATIENT_KEYS = ("PatientName", "PatientID", "PatientBirthDate")  # read only with --include-phi
-# Below this share of the scan inside the model's input, the report warns that the rest was not assessed.
-FIELD_OF_VIEW_WARN = 0.95
 PARTIAL_PREFIX = ".partial-"
 OLD_PREFIX = ".old-"
 SALIENCY_DESCRIPTIONS = {
@@ -56,29 +57,47 @@ SALIENCY_DESCRIPTIONS = {
 def finish_study(
     task: StudyTask,
     study: Study,
-    pred: Prediction,
+    pred: Prediction | None,
     timing: tuple[float, str],
     predictor: Predictor,
     out: Path,
     options: InferOptions,
     key: str,
+    reasons: Sequence[Reason] = (),
 ) -> tuple[StudyReport, dict[str, float]]:
     """Map the prediction back to the scan, measure, write every file, move the study folder into place.
 
     Args:
+        pred: the model's prediction, or None when the study was not run (outside the model's scope).
         timing: the seconds loading took, and the study's source as the report shows it.
         key: the run key (:func:`medhybrid.infer.worklist.run_key`) the report records.
+        reasons: why the study is outside the model's scope, found before the model ran
+            (:func:`medhybrid.infer.scope.before_model`); with them and without ``options.force`` the
+            study is NOT ASSESSED.
     """
     t1 = time.perf_counter()
-    maps: list[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], type]] = [
-        (v, to_uint8, np.uint8) for v in pred.saliency.values()
-    ]
-    if pred.seg_probs is not None:
-        maps.append((pred.seg_probs, argmax_labels, np.uint8))
-    coverage: list[float] = []
-    native = to_native_many(maps, pred.affine, pred.native_affine, study.spatial_shape, coverage=coverage)
-    saliency = dict(zip(pred.saliency, native, strict=False))
-    labels = native[-1] if pred.seg_probs is not None else None
+    reasons = list(reasons)
+    labels: np.ndarray | None = None
+    saliency: dict[str, np.ndarray] = {}
+    if pred is not None:
+        maps: list[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], type]] = [
+            (v, to_uint8, np.uint8) for v in pred.saliency.values()
+        ]
+        if pred.seg_probs is not None:
+            maps.append((pred.seg_probs, argmax_labels, np.uint8))
+        coverage: list[float] = []
+        native = to_native_many(maps, pred.affine, pred.native_affine, study.spatial_shape, coverage=coverage)
+        saliency = dict(zip(pred.saliency, native, strict=False))
+        labels = native[-1] if pred.seg_probs is not None else None
+        reasons += after_model(coverage[0] if coverage else None)
+    assessed = not reasons or options.force
+    assessment = Assessment(
+        assessed=assessed,
+        forced=bool(reasons) and options.force,
+        reasons=[ScopeReason(code=r.code, message=r.message) for r in reasons],
+    )
+    if not assessed:  # no claim about a study the model did not properly see: no score, mask or map
+        pred, labels, saliency = None, None, {}
     t_resample = time.perf_counter() - t1
     partial = out / f"{PARTIAL_PREFIX}{task.key}"
     if partial.exists():
@@ -86,7 +105,7 @@ def finish_study(
     partial.mkdir()
     try:
         return _fill(
-            partial, task, study, pred, predictor, out, options, key, labels, saliency, coverage, timing, t_resample
+            partial, task, study, pred, predictor, out, options, key, labels, saliency, assessment, timing, t_resample
         )
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # a failed study leaves nothing behind (e.g. on a full disk)
@@ -97,36 +116,43 @@ def _fill(
     partial: Path,
     task: StudyTask,
     study: Study,
-    pred: Prediction,
+    pred: Prediction | None,
     predictor: Predictor,
     out: Path,
     options: InferOptions,
     key: str,
     labels: np.ndarray | None,
     saliency: dict[str, np.ndarray],
-    coverage: list[float],
+    assessment: Assessment,
     timing: tuple[float, str],
     t_resample: float,
 ) -> tuple[StudyReport, dict[str, float]]:
     t_load, source = timing
     t2 = time.perf_counter()
-    report = _build_report(task, study, pred, predictor, labels, saliency, source, options)
+    report = _build_report(task, study, pred, predictor, labels, saliency, source, options, assessment)
+    if report.decision == "normal" and labels is not None:
+        # a study called normal lists no lesion (the report never says NORMAL beside a lesion volume): the
+        # mask keeps anatomy labels only
+        for label, kind in predictor.mask_kinds.items():
+            if kind == "lesion":
+                labels[labels == label] = 0
+        report.lesions = []
     report.run_key = key
-    if coverage and coverage[0] < FIELD_OF_VIEW_WARN:
+    if assessment.forced:
         report.qc.append(
             QCFlag(
                 level="warn",
-                code="partial_field_of_view",
-                message=f"the model saw {coverage[0]:.1%} of the scan (its input is the training crop "
-                f"{predictor.data_cfg.spatial_size} at {predictor.data_cfg.spacing} mm); the rest was not assessed",
+                code="assessed_out_of_scope",
+                message="assessed with --force although outside the model's scope: "
+                + "; ".join(r.message for r in assessment.reasons),
             )
         )
         report.qc_verdict = "warn" if report.qc_verdict == "ok" else report.qc_verdict
     _write_outputs(partial, task, study, report, predictor, labels, saliency, options)
     timings = {
         "load": t_load,
-        "preprocess": pred.timings["preprocess"],
-        "model": pred.timings["model"],
+        "preprocess": pred.timings["preprocess"] if pred is not None else 0.0,
+        "model": pred.timings["model"] if pred is not None else 0.0,
         "resample": t_resample,
         "write": time.perf_counter() - t2,
     }
@@ -171,13 +197,13 @@ def _qc_flags(study: Study, predictor: Predictor) -> list[QCFlag]:
                 message=f"the checkpoint stores no operating point; threshold {predictor.threshold} is a default",
             )
         )
-    expected = predictor.data_cfg.modality
-    if expected and study.modality not in ("OT", expected):
+    expected = predictor.scope.modalities
+    if expected and study.modality in ("", "OT"):  # another modality is NOT ASSESSED (infer/scope.py)
         flags.append(
             QCFlag(
                 level="warn",
-                code="modality_mismatch",
-                message=f"the model was trained on {expected}, this study is {study.modality}",
+                code="modality_unknown",
+                message=f"the study's modality is unknown; the model was trained on {', '.join(expected)}",
             )
         )
     return flags
@@ -186,17 +212,18 @@ def _qc_flags(study: Study, predictor: Predictor) -> list[QCFlag]:
 def _build_report(
     task: StudyTask,
     study: Study,
-    pred: Prediction,
+    pred: Prediction | None,
     predictor: Predictor,
     labels: np.ndarray | None,
     saliency: dict[str, np.ndarray],
     source: str,
     options: InferOptions,
+    assessment: Assessment,
 ) -> StudyReport:
     lesions: list[Lesion] = []
     structures: list[Structure] = []
     if labels is not None:
-        n_seg = int(pred.seg_probs.shape[0]) if pred.seg_probs is not None else 2
+        n_seg = int(pred.seg_probs.shape[0]) if pred is not None and pred.seg_probs is not None else 2
         names = predictor.mask_label_names or {i: f"class {i}" for i in range(n_seg)}
         for seg in measure_lesions(labels, study.spacing, names):
             if predictor.mask_kinds.get(seg.label, "lesion") == "anatomy":
@@ -206,12 +233,14 @@ def _build_report(
     flags = _qc_flags(study, predictor)
     verdict = max((f.level for f in flags), key=("ok", "warn", "reject").index, default="ok")
     class_probs = None
-    if pred.class_probs is not None:
+    if pred is not None and pred.class_probs is not None:
         class_probs = {
             predictor.label_names.get(i, f"class {i}"): round(float(p), 6) for i, p in enumerate(pred.class_probs)
         }
     probability = decision = operating_point = None
-    if pred.probability is not None:  # a model of anatomy only gives no score and no verdict
+    if not assessment.assessed:
+        decision = "not_assessed"
+    elif pred is not None and pred.probability is not None:  # a model of anatomy only gives no score/verdict
         probability = round(min(max(pred.probability, 0.0), 1.0), 6)
         decision = "abnormal" if pred.probability >= predictor.threshold else "normal"
         op = {k: v for k, v in jsonable(predictor.operating_point).items() if k in OperatingPoint.model_fields}
@@ -221,6 +250,7 @@ def _build_report(
         probability=probability,
         score_method=predictor.score_method if probability is not None else None,
         decision=decision,
+        assessment=assessment,
         operating_point=operating_point,
         class_probabilities=class_probs,
         lesions=lesions,
@@ -313,7 +343,21 @@ def _write_outputs(
     mask_title = "Anatomy mask" if kinds == {"anatomy"} else "Lesion mask" if kinds == {"lesion"} else "Mask"
     slices, thumb = render_panels(study.array, labels, saliency, frame, window, mask_title)
     atomic_write_bytes(folder / "thumb.png", thumb)
-    atomic_write_bytes(folder / "report.html", report_html(report.model_dump(mode="json"), slices, predictor.card))
+    from medhybrid.infer.viewer import viewer_html  # here: the viewer is only this function's concern
+
+    viewer = viewer_html(
+        study,
+        labels,
+        saliency,
+        frame,
+        window,
+        mask_names=predictor.mask_label_names,
+        finding_labels={les.label: les.name for les in report.lesions},
+        mask_title=mask_title,
+        instance_numbers=[h.instance_number for h in task.series.headers] if task.series is not None else None,
+    )
+    page = report_html(report.model_dump(mode="json"), slices, predictor.card, viewer=viewer)
+    atomic_write_bytes(folder / "report.html", page)
 
 
 def _write_dicom(

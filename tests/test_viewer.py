@@ -24,15 +24,8 @@ import pytest
 from medhybrid.data.synth import synth_study
 from medhybrid.infer.render import DisplayFrame, render_panels, report_html, window_for
 from medhybrid.infer.report import measure_lesions
-from medhybrid.infer.viewer import (
-    block_reduce,
-    candidate_factors,
-    display_world,
-    fit_budget,
-    lesion_findings,
-    quantise,
-    viewer_html,
-)
+from medhybrid.infer.viewer import display_world, lesion_findings, viewer_html
+from medhybrid.infer.viewer_data import block_reduce, candidate_factors, fit_budget, quantise
 from medhybrid.io.study import Study
 
 PAGE_LIMIT = 20_000_000  # bytes per report.html (issue 15)

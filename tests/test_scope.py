@@ -137,3 +137,17 @@ def test_rules_in_isolation() -> None:
     assert [r.code for r in before_model(coarse, scope)] == ["spacing"]  # 7 mm > 2 x 3 mm
     assert [r.code for r in before_model(coarse, Scope(modalities=("CT",)))] == []  # no range recorded
     assert [r.code for r in after_model(0.5)] == ["field_of_view"] and after_model(1.0) == []
+
+
+def test_the_page_shows_timings_the_source_and_the_epochs_run(
+    infer_cohort: Path, tiny_run: Path, tmp_path: Path
+) -> None:
+    """Defects seen: an empty "Timings:", the source shown as "DICOM CT · .", the best epoch as epochs trained."""
+    folder = one_study(infer_cohort, tmp_path / "in")
+    run_inference(folder, tiny_run, tmp_path / "out", InferOptions(dicom_outputs=False))
+    study_dir, report = report_of(tmp_path / "out")
+    html = (study_dir / "report.html").read_text()
+    assert "Timings: load " in html and report.timings_s["total"] > 0
+    assert report.source.path == folder.name
+    run = json.loads((tiny_run / "run.json").read_text())
+    assert f"{run['epochs_run']} epochs, best at epoch" in html

@@ -414,7 +414,8 @@ def _rejected_row(problem: FileProblem, input_path: Path) -> dict[str, Any]:
 def _relative(path: Path, root: Path) -> str:
     try:
         base = root if root.is_dir() else root.parent
-        return str(Path(path).resolve().relative_to(base.resolve())) or "."
+        relative = str(Path(path).resolve().relative_to(base.resolve()))
+        return relative if relative not in ("", ".") else Path(path).resolve().name  # the input is the study
     except ValueError:
         return str(path)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from medhybrid.train.records import CV_DIR, METRICS_JSON
+from medhybrid.train.records import CV_DIR, METRICS_JSON, RUN_FILE
 
 if TYPE_CHECKING:
     from medhybrid.infer.predictor import Predictor
@@ -40,7 +40,7 @@ def model_card(predictor: Predictor) -> dict[str, Any]:
         "mask_kinds": predictor.mask_kinds,
         "score": predictor.score_method,
         "pipeline": config.get("name"),
-        "trained_epochs": ckpt.get("epoch"),
+        "trained_epochs": _epochs_run(predictor, ckpt),
         "best_epoch": best_epoch,
         "selection_split": {
             "split": preprocessing.get("val_split", "val"),
@@ -68,6 +68,16 @@ def model_card(predictor: Predictor) -> dict[str, Any]:
         }
         card["cross_validation"] = _cv_summary(predictor)
     return card
+
+
+def _epochs_run(predictor: Predictor, ckpt: dict[str, Any]) -> Any:
+    """Epochs the run trained in all (its run.json), not the best checkpoint's epoch; a bare checkpoint
+    without its run folder says what it knows."""
+    try:
+        run = json.loads((predictor.path.parent / RUN_FILE).read_text(encoding="utf-8"))
+        return int(run["epochs_run"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return len(ckpt.get("history") or []) or ckpt.get("epoch")
 
 
 def _cv_summary(predictor: Predictor) -> dict[str, Any] | None:

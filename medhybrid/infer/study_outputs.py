@@ -10,6 +10,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,7 +149,7 @@ def _fill(
             )
         )
         report.qc_verdict = "warn" if report.qc_verdict == "ok" else report.qc_verdict
-    _write_outputs(partial, task, study, report, predictor, labels, saliency, options)
+    slices, viewer = _write_outputs(partial, task, study, report, predictor, labels, saliency, options)
     timings = {
         "load": t_load,
         "preprocess": pred.timings["preprocess"] if pred is not None else 0.0,
@@ -158,6 +159,8 @@ def _fill(
     }
     timings["total"] = sum(timings.values())
     report.timings_s = {k: round(v, 4) for k, v in timings.items()}
+    page = report_html(report.model_dump(mode="json"), slices, predictor.card, viewer=viewer)
+    atomic_write_bytes(partial / "report.html", page)
     report.outputs.sha256 = {name: sha256_file(partial / name) for name in report.outputs.files()}
     atomic_write_bytes(partial / OUTPUT_MARKER, b"written by medhybrid infer: not an input\n")
     atomic_write_bytes(partial / REPORT_FILE, report.to_json())  # last: its presence means the folder is complete
@@ -314,7 +317,9 @@ def _write_outputs(
     labels: np.ndarray | None,
     saliency: dict[str, np.ndarray],
     options: InferOptions,
-) -> None:
+) -> tuple[list[dict[str, Any]], str]:
+    """Every file but report.html and report.json; returns the page's key slices and viewer section (the page
+    is written once the timings are known)."""
     if labels is not None:
         atomic_write_bytes(
             folder / "mask.nii.gz", nifti_bytes(labels, study.affine, description="medhybrid mask", compresslevel=1)
@@ -356,8 +361,7 @@ def _write_outputs(
         mask_title=mask_title,
         instance_numbers=[h.instance_number for h in task.series.headers] if task.series is not None else None,
     )
-    page = report_html(report.model_dump(mode="json"), slices, predictor.card, viewer=viewer)
-    atomic_write_bytes(folder / "report.html", page)
+    return slices, viewer
 
 
 def _write_dicom(

@@ -480,9 +480,14 @@ def _slice_headers(ds: Dataset, path: Path, metadata_cache: dict[str, dict[str, 
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
     per_frame_items = list(ds.PerFrameFunctionalGroupsSequence) if "PerFrameFunctionalGroupsSequence" in ds else []
     headers = []
+    # frames without a per-frame item share one geometry: read it once (a header claiming 10^5 frames must
+    # not cost 10^5 geometry reads)
+    common_geometry = _frame_geometry(ds, shared, None, path) if len(per_frame_items) < n_frames else None
     for frame in range(n_frames):
         per = per_frame_items[frame] if frame < len(per_frame_items) else None
-        headers.append(SliceHeader(frame=frame, notes=list(notes), **common, **_frame_geometry(ds, shared, per, path)))
+        geometry = _frame_geometry(ds, shared, per, path) if per is not None else common_geometry
+        assert geometry is not None
+        headers.append(SliceHeader(frame=frame, notes=list(notes), **common, **geometry))
     return headers
 
 

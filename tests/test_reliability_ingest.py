@@ -45,8 +45,9 @@ def edit(path: Path, **values: object) -> None:
         tag = pydicom.datadict.tag_for_keyword(keyword)
         vr = pydicom.datadict.dictionary_VR(tag)
         ds[tag] = DataElement(tag, vr, value, validation_mode=pydicom.config.IGNORE)
-    pydicom.config.settings.writing_validation_mode, saved = pydicom.config.IGNORE, (
-        pydicom.config.settings.writing_validation_mode
+    pydicom.config.settings.writing_validation_mode, saved = (
+        pydicom.config.IGNORE,
+        (pydicom.config.settings.writing_validation_mode),
     )
     try:
         ds.save_as(path)

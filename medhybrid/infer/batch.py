@@ -46,10 +46,10 @@ from medhybrid.infer.study_outputs import OLD_PREFIX, PARTIAL_PREFIX, REPORT_FIL
 from medhybrid.infer.tasks import InferOptions, StudyTask, find_studies, follow_dicomdir, raise_no_studies
 from medhybrid.infer.worklist import row_from_report, run_key, summary_row, write_summary
 from medhybrid.io.dicom import load_series
-from medhybrid.io.dicom_files import OUTPUT_MARKER, FileProblem, third_party_failure
+from medhybrid.io.dicom_files import FileProblem, third_party_failure
 from medhybrid.io.readers import read_geometry, read_image
 from medhybrid.io.study import Study, study_key
-from medhybrid.io.writers import atomic_write_bytes
+from medhybrid.io.writers import mark_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def _run_locked(
     on_study: Callable[[dict[str, Any]], None] | None,
 ) -> InferResult:
     # the output folder is marked before the input is walked, so an --out inside the input is never read
-    atomic_write_bytes(out / OUTPUT_MARKER, b"written by medhybrid infer: not an input\n")
+    mark_output_folder(out)
     tasks, rejected = find_studies(input_path, options)
     if not tasks:
         raise_no_studies(input_path, rejected)
@@ -226,7 +226,6 @@ class _Pipeline:
         self.stop = threading.Event()
         self.disk_full: OSError | None = None  # set by the writer: the run stops, finished studies are kept
         self.loaded_count = 0
-        self.stop_early = False  # the writer asked to stop (disk full)
 
     def run(self, tasks: list[StudyTask]) -> None:
         loader = threading.Thread(target=self._load_all, args=(tasks,), name="medhybrid-load", daemon=True)
@@ -255,7 +254,7 @@ class _Pipeline:
             if writer.is_alive():
                 self._hand_to_writer(None, writer)
                 writer.join()
-        if self.loaded_count < len(tasks) and not self.stop_early:
+        if self.loaded_count < len(tasks) and self.disk_full is None:
             raise InferenceError(  # never end a batch as if it were finished when studies were not run
                 f"the loader stopped after {self.loaded_count} of {len(tasks)} studies (see infer.log)",
                 path=self.out,
@@ -330,7 +329,7 @@ class _Pipeline:
                             raise
                         item.failure = _describe(exc, item)
                         if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-                            self.disk_full, self.stop_early = exc, True
+                            self.disk_full = exc
                             self.stop.set()  # every further study would fail the same way
                     else:
                         logger.info(

@@ -22,22 +22,17 @@ The rules (docs/inference.md):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medhybrid.infer.report import ScopeReason as Reason
 from medhybrid.io.study import Study
 
 MIN_COVERAGE = 0.95  # share of the scan that must lie inside the model's input
 SPACING_FACTOR = 2.0  # native spacing may be this much finer or coarser than the training range
-
-
-@dataclass(frozen=True)
-class Reason:
-    code: str
-    message: str
 
 
 @dataclass
@@ -50,7 +45,6 @@ class Scope:
     spacing_max: tuple[float, ...] | None = None
     intensity: str | None = None
     n_train: int | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -83,10 +77,10 @@ def _floats(values: Any) -> tuple[float, ...] | None:
     return tuple(float(v) for v in values) if values else None
 
 
-def training_scope(data_cfg: Any, spacings: Sequence[Sequence[float]], modalities: Sequence[str]) -> dict[str, Any]:
-    """The ``scope`` a training run records: its pipeline's modality (else the training studies'), its
-    dimensions, and the per-axis range of its training images' native spacings."""
-    declared = [data_cfg.modality] if data_cfg.modality else sorted({m for m in modalities if m and m != "OT"})
+def training_scope(data_cfg: Any, spacings: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """The ``scope`` a training run records: its pipeline's modality, its dimensions, and the per-axis range
+    of its training images' native spacings."""
+    declared = [data_cfg.modality] if data_cfg.modality else []
     dims = int(data_cfg.spatial_dims)
     arr = np.array([list(s)[:dims] for s in spacings if len(s) >= dims], dtype=float) if spacings else None
     return {
@@ -105,32 +99,42 @@ def before_model(study: Study, scope: Scope) -> list[Reason]:
     modality = (study.modality or "OT").upper()
     if scope.modalities and modality != "OT" and modality not in scope.modalities:
         reasons.append(
-            Reason("modality", f"the study is {modality}; the model was trained on {', '.join(scope.modalities)}")
+            Reason(
+                code="modality",
+                message=f"the study is {modality}; the model was trained on {', '.join(scope.modalities)}",
+            )
         )
     if scope.spatial_dims == 2 and not study.is_2d:
         reasons.append(
-            Reason("dimensions", f"the model is 2D and the study is a volume of {study.spatial_shape[2]} slices")
+            Reason(
+                code="dimensions",
+                message=f"the model is 2D and the study is a volume of {study.spatial_shape[2]} slices",
+            )
         )
     if scope.spatial_dims == 3 and study.is_2d:
-        reasons.append(Reason("dimensions", "the model is 3D and the study is a single slice (a scout or a 2D image)"))
+        reasons.append(
+            Reason(code="dimensions", message="the model is 3D and the study is a single slice (a scout or a 2D image)")
+        )
     image_type = study.metadata.get("ImageType")
     types = [str(t).upper() for t in image_type] if isinstance(image_type, list) else [str(image_type or "").upper()]
     if "LOCALIZER" in types:
-        reasons.append(Reason("localizer", "the series is a localizer (ImageType LOCALIZER), not a diagnostic scan"))
+        reasons.append(
+            Reason(code="localizer", message="the series is a localizer (ImageType LOCALIZER), not a diagnostic scan")
+        )
     if scope.spacing_min and scope.spacing_max and not any(r.code == "dimensions" for r in reasons):
         spacing = study.spacing[: scope.spatial_dims]
         for axis, (s, lo, hi) in enumerate(zip(spacing, scope.spacing_min, scope.spacing_max, strict=False)):
             if s < lo / SPACING_FACTOR or s > hi * SPACING_FACTOR:
                 reasons.append(
                     Reason(
-                        "spacing",
-                        f"voxel spacing {s:.3g} mm along axis {axis} is outside what the model was trained on "
-                        f"({lo:.3g}-{hi:.3g} mm, x{SPACING_FACTOR:g} either way)",
+                        code="spacing",
+                        message=f"voxel spacing {s:.3g} mm along axis {axis} is outside what the model was "
+                        f"trained on ({lo:.3g}-{hi:.3g} mm, x{SPACING_FACTOR:g} either way)",
                     )
                 )
                 break
     if study.qc.verdict.value == "reject":
-        reasons.append(Reason("qc_reject", "ingestion's QC rejected the series"))
+        reasons.append(Reason(code="qc_reject", message="ingestion's QC rejected the series"))
     return reasons
 
 
@@ -139,8 +143,9 @@ def after_model(coverage: float | None) -> list[Reason]:
     if coverage is not None and coverage < MIN_COVERAGE:
         return [
             Reason(
-                "field_of_view",
-                f"the model saw {coverage:.1%} of the scan (less than {MIN_COVERAGE:.0%}); the rest was not assessed",
+                code="field_of_view",
+                message=f"the model saw {coverage:.1%} of the scan (less than {MIN_COVERAGE:.0%}); the rest was "
+                "not assessed",
             )
         ]
     return []
@@ -156,7 +161,7 @@ def manifest_scope(data_cfg: Any) -> dict[str, Any]:
 
     spacings: list[tuple[float, ...]] = []
     if data_cfg.spacing is None:  # images are resized, not resampled in mm: their spacing is not a limit
-        return training_scope(data_cfg, spacings, [])
+        return training_scope(data_cfg, spacings)
     for row in read_manifest(Path(data_cfg.manifest)).rows:
         if row.split != data_cfg.train_split or not image_format(Path(row.image)):
             continue
@@ -165,4 +170,4 @@ def manifest_scope(data_cfg: Any) -> dict[str, Any]:
         except MedHybridError:
             continue
         spacings.append(tuple(spacing_from_affine(affine)))
-    return training_scope(data_cfg, spacings, [])
+    return training_scope(data_cfg, spacings)

@@ -4,11 +4,12 @@ the study's folder only when complete."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,6 @@ from medhybrid.infer.report import (
     Outputs,
     QCFlag,
     Saliency,
-    ScopeReason,
     Source,
     Structure,
     StudyReport,
@@ -39,9 +39,8 @@ from medhybrid.infer.resample import argmax_labels, to_native_many, to_uint8
 from medhybrid.infer.scope import Reason, after_model
 from medhybrid.infer.tasks import InferOptions, StudyTask
 from medhybrid.io.dicom import DicomSeries
-from medhybrid.io.dicom_files import OUTPUT_MARKER
 from medhybrid.io.study import Study
-from medhybrid.io.writers import atomic_write_bytes, nifti_bytes, sha256_file
+from medhybrid.io.writers import atomic_write_bytes, mark_output_folder, nifti_bytes, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -92,80 +91,67 @@ def finish_study(
         labels = native[-1] if pred.seg_probs is not None else None
         reasons += after_model(coverage[0] if coverage else None)
     assessed = not reasons or options.force
-    assessment = Assessment(
-        assessed=assessed,
-        forced=bool(reasons) and options.force,
-        reasons=[ScopeReason(code=r.code, message=r.message) for r in reasons],
-    )
+    assessment = Assessment(assessed=assessed, forced=bool(reasons) and options.force, reasons=reasons)
     if not assessed:  # no claim about a study the model did not properly see: no score, mask or map
         pred, labels, saliency = None, None, {}
     t_resample = time.perf_counter() - t1
-    partial = out / f"{PARTIAL_PREFIX}{task.key}"
+    t_load, source = timing
+    with _partial_folder(out / task.key) as partial:
+        t2 = time.perf_counter()
+        report = _build_report(task, study, pred, predictor, labels, saliency, source, options, assessment)
+        if report.decision == "normal" and labels is not None:
+            # a study called normal lists no lesion (the report never says NORMAL beside a lesion volume): the
+            # mask keeps anatomy labels only
+            for label, kind in predictor.mask_kinds.items():
+                if kind == "lesion":
+                    labels[labels == label] = 0
+            report.lesions = []
+        report.run_key = key
+        if assessment.forced:
+            _warn(
+                report,
+                "assessed_out_of_scope",
+                "assessed with --force although outside the model's scope: "
+                + "; ".join(r.message for r in assessment.reasons),
+            )
+        slices, viewer = _write_outputs(partial, task, study, report, predictor, labels, saliency, options)
+        timings = {
+            "load": t_load,
+            "preprocess": pred.timings["preprocess"] if pred is not None else 0.0,
+            "model": pred.timings["model"] if pred is not None else 0.0,
+            "resample": t_resample,
+            "write": time.perf_counter() - t2,
+        }
+        timings["total"] = sum(timings.values())
+        report.timings_s = {k: round(v, 4) for k, v in timings.items()}
+        page = report_html(report.model_dump(mode="json"), slices, predictor.card, viewer=viewer)
+        atomic_write_bytes(partial / "report.html", page)
+        report.outputs.sha256 = {name: sha256_file(partial / name) for name in report.outputs.files()}
+        mark_output_folder(partial)
+        atomic_write_bytes(partial / REPORT_FILE, report.to_json())  # last: its presence means it is complete
+    return report, timings
+
+
+@contextlib.contextmanager
+def _partial_folder(final: Path) -> Iterator[Path]:
+    """A fresh ``.partial-<name>`` folder beside ``final``, moved into place when the block ends normally and
+    removed when it raises: a failed study leaves nothing behind (e.g. on a full disk)."""
+    partial = final.with_name(f"{PARTIAL_PREFIX}{final.name}")
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir()
     try:
-        return _fill(
-            partial, task, study, pred, predictor, out, options, key, labels, saliency, assessment, timing, t_resample
-        )
+        yield partial
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)  # a failed study leaves nothing behind (e.g. on a full disk)
+        shutil.rmtree(partial, ignore_errors=True)
         raise
+    _commit(partial, final)
 
 
-def _fill(
-    partial: Path,
-    task: StudyTask,
-    study: Study,
-    pred: Prediction | None,
-    predictor: Predictor,
-    out: Path,
-    options: InferOptions,
-    key: str,
-    labels: np.ndarray | None,
-    saliency: dict[str, np.ndarray],
-    assessment: Assessment,
-    timing: tuple[float, str],
-    t_resample: float,
-) -> tuple[StudyReport, dict[str, float]]:
-    t_load, source = timing
-    t2 = time.perf_counter()
-    report = _build_report(task, study, pred, predictor, labels, saliency, source, options, assessment)
-    if report.decision == "normal" and labels is not None:
-        # a study called normal lists no lesion (the report never says NORMAL beside a lesion volume): the
-        # mask keeps anatomy labels only
-        for label, kind in predictor.mask_kinds.items():
-            if kind == "lesion":
-                labels[labels == label] = 0
-        report.lesions = []
-    report.run_key = key
-    if assessment.forced:
-        report.qc.append(
-            QCFlag(
-                level="warn",
-                code="assessed_out_of_scope",
-                message="assessed with --force although outside the model's scope: "
-                + "; ".join(r.message for r in assessment.reasons),
-            )
-        )
-        report.qc_verdict = "warn" if report.qc_verdict == "ok" else report.qc_verdict
-    slices, viewer = _write_outputs(partial, task, study, report, predictor, labels, saliency, options)
-    timings = {
-        "load": t_load,
-        "preprocess": pred.timings["preprocess"] if pred is not None else 0.0,
-        "model": pred.timings["model"] if pred is not None else 0.0,
-        "resample": t_resample,
-        "write": time.perf_counter() - t2,
-    }
-    timings["total"] = sum(timings.values())
-    report.timings_s = {k: round(v, 4) for k, v in timings.items()}
-    page = report_html(report.model_dump(mode="json"), slices, predictor.card, viewer=viewer)
-    atomic_write_bytes(partial / "report.html", page)
-    report.outputs.sha256 = {name: sha256_file(partial / name) for name in report.outputs.files()}
-    atomic_write_bytes(partial / OUTPUT_MARKER, b"written by medhybrid infer: not an input\n")
-    atomic_write_bytes(partial / REPORT_FILE, report.to_json())  # last: its presence means the folder is complete
-    _commit(partial, out / task.key)
-    return report, timings
+def _warn(report: StudyReport, code: str, message: str) -> None:
+    """Add a QC warning, raising the report's QC verdict to warn (a reject stays a reject)."""
+    report.qc.append(QCFlag(level="warn", code=code, message=message))
+    report.qc_verdict = "warn" if report.qc_verdict == "ok" else report.qc_verdict
 
 
 def check_dims(study: Study, predictor: Predictor, task: StudyTask) -> None:
@@ -332,16 +318,13 @@ def _write_outputs(
     if task.series is not None and options.dicom_outputs:
         _write_dicom(folder, task.series, report, predictor, labels, options)
     if report.output_errors:
-        report.qc.append(
-            QCFlag(
-                level="warn",
-                code="output_failed",
-                message="not written: "
-                + "; ".join(f"{e.output} ({e.reason})" for e in report.output_errors)
-                + ". The other outputs are complete",
-            )
+        _warn(
+            report,
+            "output_failed",
+            "not written: "
+            + "; ".join(f"{e.output} ({e.reason})" for e in report.output_errors)
+            + ". The other outputs are complete",
         )
-        report.qc_verdict = "warn" if report.qc_verdict == "ok" else report.qc_verdict
     frame = DisplayFrame(study.affine, study.spacing, two_d=study.is_2d, reorient=study.source_format != "medmnist")
     window = window_for(study.modality, predictor.data_cfg.intensity, study.array)
     kinds = set(predictor.mask_kinds.values())

@@ -46,6 +46,14 @@ def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> Path:
     return path
 
 
+def mark_output_folder(folder: Path) -> Path:
+    """Mark ``folder`` as medhybrid's own output, so that a folder walk never reads it back as input
+    (:data:`medhybrid.io.dicom_files.OUTPUT_MARKER`)."""
+    from medhybrid.io.dicom_files import OUTPUT_MARKER
+
+    return atomic_write_bytes(Path(folder) / OUTPUT_MARKER, b"written by medhybrid: not an input\n")
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     """SHA-256 of a file's bytes, read in chunks."""
     h = hashlib.sha256()

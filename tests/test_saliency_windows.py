@@ -62,7 +62,7 @@ def predictor_with(model: nn.Module, tmp: Path) -> Predictor:
         },
     )
     predictor = Predictor(path, device="cpu", saliency=("gradcam",))
-    assert predictor.sliding
+    assert predictor.window == (32, 32, 32)  # the training patch
     member = predictor.members[0]
     predictor.members = [Member(member.path, model.eval(), Explainer(model, ("gradcam",)), member.ckpt, member.digest)]
     return predictor

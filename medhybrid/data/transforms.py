@@ -5,7 +5,10 @@ The same ``DataConfig`` is stored in every checkpoint, and inference rebuilds it
 
 Modes:
 - ``train``: deterministic preprocessing (cached), then random patch sampling and augmentation;
-- ``val``: deterministic preprocessing only, whole images (segmentation is inferred by sliding window);
+- ``val``: deterministic preprocessing only, whole images: at a physical ``spacing`` the whole field of view
+  (padded up to one window; larger scans are inferred window by window, :mod:`medhybrid.infer.windows`),
+  otherwise cropped/padded to ``spatial_size``. Training crops/pads to ``spatial_size`` (centre) unless it
+  samples patches;
 - ``infer``: like ``val`` without labels or masks.
 """
 
@@ -174,6 +177,15 @@ def patch_sampling(cfg: DataConfig) -> bool:
     return cfg.task == "segmentation" and cfg.patch_size is not None
 
 
+def model_window(cfg: DataConfig) -> tuple[int, ...] | None:
+    """The input size the model is run on window by window over a larger scan
+    (:mod:`medhybrid.infer.windows`): the training patch for segmentation on patches, ``spatial_size`` for a
+    model preprocessed at a physical ``spacing``; None for images cropped/padded to one size (no spacing)."""
+    if patch_sampling(cfg):
+        return tuple(cfg.patch_size) if cfg.patch_size is not None else None
+    return tuple(cfg.spatial_size) if cfg.spacing else None
+
+
 def apply(transform: Compose, item: Mapping[Hashable, Any]) -> Any:
     """Run ``transform`` on ``item``; every failure comes out as a typed error naming the file.
 
@@ -227,6 +239,9 @@ def build_transforms(cfg: DataConfig, mode: Mode) -> Compose:
                     num_samples=cfg.samples_per_image,
                 ),
             ]
+    elif cfg.spacing and mode != "train":
+        # the whole field of view at the model's spacing, padded up to one window: windows cover the rest
+        steps.append(SpatialPadd(keys, spatial_size=cfg.spatial_size))
     else:
         steps.append(ResizeWithPadOrCropd(keys, spatial_size=cfg.spatial_size))
     if mode == "train":

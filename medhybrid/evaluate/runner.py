@@ -160,7 +160,7 @@ class _Evaluator:
         self.faithful_done = 0
         self.model_threshold: float | None = None  # calibrated threshold, once fitted
         self.temperature = 1.0
-        self.can_delete = predictor.classifies and not predictor.sliding
+        self.can_delete = predictor.classifies
 
     def score(self, batch: torch.Tensor) -> torch.Tensor:
         """The calibrated probability of abnormality of a batch, from the members' mean logits."""
@@ -202,7 +202,7 @@ class _Evaluator:
                     name = f"{_safe(row.study_id)}_{method}.nii.gz"
                     save_nifti(arr, lift_affine(pred.affine), folder / name)
                     rec.saliency_files[method] = f"saliency/{name}"
-                if self._wants_deletion(pred.logits):
+                if self.p.one_window(prepared.x) and self._wants_deletion(pred.logits):  # deletion re-scores one input
                     rec.deletion = deletion_scores(
                         self.score,
                         prepared.x.to(self.p.device),
@@ -449,6 +449,7 @@ def _store(
         "n": len(cal),
         "ece_before": ece.get("ece_before"),
         "ece_after": ece.get("ece_after"),
+        "temperature_rejected": fitted.temperature_rejected,
         "fitted_on": f"{manifest.name}:{o.calibration_split}",
         "created": result["created"],
     }

@@ -7,10 +7,13 @@ returns the class probabilities, the mask probabilities and the saliency maps on
 that grid's affine and the frame it lives in, which :mod:`medhybrid.infer.resample` uses to bring
 everything back to the scan.
 
-Volumes are inferred whole when the model was trained on whole (resized) images, and with MONAI's
-``sliding_window_inference`` (Gaussian-weighted, 50 % overlap) over patches of the training patch size
-when it was trained on patches. Saliency maps are raw per window; they are blended like the masks and
-normalised to [0, 1] once per study, so a window without evidence stays dark.
+A model preprocessed at a physical spacing covers the whole scan: windows of its training input size
+(the patch for segmentation, ``spatial_size`` otherwise) slide over the field of view
+(:mod:`medhybrid.infer.windows`: masks and maps blended, the study's logits from the window with the
+strongest evidence of abnormality). A model trained on images cropped or padded to one size (no
+``spacing``: MedMNIST-style) sees that one input, and the scope's field-of-view rule says when it is not
+the whole scan. Saliency maps are raw per window; they are blended like the masks and normalised to
+[0, 1] once per study, so a window without evidence stays dark.
 
 Combining passes (flip TTA, ensemble members): classification **logits** are averaged (so the stored
 temperature divides the logits the model really produced), mask probabilities are averaged, raw saliency
@@ -29,10 +32,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 
 from medhybrid.config import DataConfig, EvalConfig
-from medhybrid.data.transforms import IMAGE, apply, build_transforms, frame_affine, patch_sampling
+from medhybrid.data.transforms import IMAGE, apply, build_transforms, frame_affine, model_window
 from medhybrid.evaluate.study_score import LESION_SCORE_METHOD, lesion_labels, lesion_score, resolve_mask_kinds
 from medhybrid.infer.card import model_card
 from medhybrid.infer.loading import (
@@ -46,6 +48,7 @@ from medhybrid.infer.loading import (
 from medhybrid.infer.resample import lift_affine
 from medhybrid.infer.saliency import SALIENCY_METHODS, normalise
 from medhybrid.infer.scope import scope_from_checkpoint
+from medhybrid.infer.windows import fits, windowed
 from medhybrid.io.study import Study, spacing_from_affine
 from medhybrid.models.base import MedModel
 from medhybrid.runtime import autocast
@@ -135,7 +138,7 @@ class Predictor:
         self.weights_sha256 = ensemble_digest(self.members)
         self.tta = tta
         self.transform = build_transforms(self.data_cfg, "infer")
-        self.sliding = patch_sampling(self.data_cfg)
+        self.window = model_window(self.data_cfg)  # None: inputs are cropped/padded to one size
         self.classifies = self.model.num_classes > 0
         self.lesions = [] if self.classifies else lesion_labels(self.mask_kinds)
         # what the study's score is: a classifier's probability, a lesion score, or nothing
@@ -167,6 +170,10 @@ class Predictor:
     @property
     def threshold(self) -> float:
         return float(self.operating_point["threshold"])
+
+    def one_window(self, x: torch.Tensor) -> bool:
+        """True when the preprocessed input ``x`` is a single model window (no sliding)."""
+        return fits(x, self.window)
 
     @property
     def saliency_methods(self) -> tuple[str, ...]:
@@ -242,19 +249,8 @@ class Predictor:
                 with autocast(self.device):
                     return _outputs(member.model(t))
 
-        if not self.sliding:
-            return window(x)
-        assert self.data_cfg.patch_size is not None
-        out = sliding_window_inference(
-            x,
-            roi_size=self.data_cfg.patch_size,
-            sw_batch_size=1 if explain else 4,  # one backward pass per window (memory), batched without saliency
-            predictor=window,
-            overlap=0.5,
-            mode="gaussian",
-        )
-        assert isinstance(out, dict)
-        return {str(k): v for k, v in out.items()}
+        # one backward pass per window (memory); batched without saliency
+        return windowed(window, x, self.window, sw_batch_size=1 if explain else 4)
 
     def _flipped(self, member: Member, x: torch.Tensor, axis: int) -> dict[str, torch.Tensor]:
         """A TTA pass on ``x`` flipped along ``axis`` (no saliency), its mask flipped back.

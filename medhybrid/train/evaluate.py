@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from monai.data import CacheDataset
 from monai.data import Dataset as MonaiDataset
-from monai.inferers import sliding_window_inference
 from monai.transforms import Compose
 from torch import nn
 
 from medhybrid.config import EvalConfig, MinSensitivity, PipelineConfig
-from medhybrid.data.transforms import IMAGE, LABEL, MASK, VOXEL_ML
+from medhybrid.data.transforms import IMAGE, LABEL, MASK, VOXEL_ML, model_window
 from medhybrid.evaluate.segmentation import dice_with_empty_rule
 from medhybrid.evaluate.study_score import lesion_score, reference_abnormal
+from medhybrid.infer.windows import windowed
 from medhybrid.runtime import autocast
 from medhybrid.train import distributed as dist_utils
 from medhybrid.train.distributed import DistInfo
@@ -65,6 +65,7 @@ class Validator:
             else MonaiDataset(mine, transform)
         )
         self.total = len(items)
+        self.window = model_window(cfg.data)
 
     @torch.no_grad()
     def run(self, model: nn.Module) -> dict[str, Any]:
@@ -78,19 +79,8 @@ class Validator:
         image = sample[IMAGE][None].to(self.device)
         batch: dict[str, Any] = {}
         with autocast(self.device) if self.cfg.train.amp else contextlib.nullcontext():
-            if self.cfg.data.task == "segmentation" and self.cfg.data.patch_size is not None:
-                seg = sliding_window_inference(
-                    image,
-                    roi_size=self.cfg.data.patch_size,
-                    sw_batch_size=4,
-                    predictor=lambda x: model(x)["seg_logits"],
-                    overlap=0.5,
-                    mode="gaussian",
-                )
-                assert isinstance(seg, torch.Tensor)
-                out = {"seg_logits": seg.float()}
-            else:
-                out = {k: v.float() for k, v in model(image).items()}
+            # the same windows and aggregation as inference (medhybrid/infer/windows.py)
+            out = {k: v.float() for k, v in windowed(model, image, self.window).items()}
         record: dict[str, Any] = {"index": index}
         if LABEL in sample:
             batch[LABEL] = torch.as_tensor([sample[LABEL]])

@@ -624,6 +624,8 @@ def evaluate_cmd(
     for method, f in (m.get("faithfulness") or {}).items():
         if isinstance(f, dict) and "faithfulness" in f:
             lines.append(f"faithfulness {method}: {f['faithfulness']['value']:+.4f} (deletion AUC vs random)")
+    if (m.get("classification") or {}).get("temperature_rejected"):
+        lines.append(f"warning: {m['classification']['temperature_rejected']}")
     if m.get("calibration_stored_in"):
         lines.append(f"temperature and operating point stored in {m['calibration_stored_in']}")
     if m.get("calibration_not_refitted"):

@@ -229,3 +229,37 @@ def test_evaluating_the_selection_split_is_flagged(cohort: Path, runs: dict[str,
     m = evaluate(runs["multitask"], cohort, tmp_path / "val", opts).metrics
     assert "selected the model's epoch" in m["splits"]["warning"]
     assert m["classification"]["protocol"].startswith("cross-fitted")
+
+
+def _margin_logits(seed: int, n: int, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    margin = np.where(labels == 1, 1.0, -1.0) * rng.uniform(0.5, 3, n) + rng.normal(0, 1.5, n)
+    return labels, np.stack([np.zeros(n), scale * margin], axis=1)
+
+
+def test_a_temperature_that_worsens_ece_is_not_applied() -> None:
+    """Temperature scaling minimises NLL; on a small calibration split that can raise the ECE (seed 2:
+    T = 1.17 takes it from 0.231 to 0.268). Storing it would call a worse calibration "calibrated": fit keeps
+    T = 1 and says why, and classification_metrics reports it."""
+    from medhybrid.evaluate import metrics as M
+    from medhybrid.evaluate.classification import fit
+
+    labels, logits = _margin_logits(2, 20)
+    nll_t = M.fit_temperature(logits, labels)
+    ece = [M.calibration_bins(labels, M.softmax_t(logits, t))["ece"] for t in (1.0, nll_t)]
+    assert nll_t != 1.0 and ece[1] > ece[0]  # the case really is one where NLL's temperature hurts ECE
+    s = Scored(labels, abnormality(M.softmax_t(logits, 1.0)), logits)
+    stored = Fitted(1.0, {"threshold": 0.5, "method": "fixed"})
+    fitted = fit(s, "youden", stored)
+    assert fitted.temperature == 1.0
+    assert fitted.temperature_rejected is not None and f"{ece[1]:.3f}" in fitted.temperature_rejected
+    out, _, _, _ = classification_metrics(
+        s, s, "youden", stored, same_split=False, n_boot=50, seed=0, label_names={}, score_method="classifier"
+    )
+    assert out["temperature"] == 1.0 and "raised" in out["temperature_rejected"]
+    # an overconfident model (logits x8): the fitted temperature lowers ECE and is kept
+    labels, logits = _margin_logits(2, 200, scale=8.0)
+    s = Scored(labels, abnormality(M.softmax_t(logits, 1.0)), logits)
+    fitted = fit(s, "youden", stored)
+    assert fitted.temperature > 2.0 and fitted.temperature_rejected is None

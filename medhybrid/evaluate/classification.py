@@ -66,6 +66,7 @@ class Fitted:
 
     temperature: float
     operating_point: dict[str, Any]
+    temperature_rejected: str | None = None  # why a fitted temperature was not kept (it worsened ECE)
 
     def calibrated(self, s: Scored) -> tuple[np.ndarray | None, np.ndarray]:
         """Calibrated class probabilities ``(N, C)`` (None without logits) and calibrated scores ``(N,)``."""
@@ -87,8 +88,20 @@ def fit(s: Scored, rule: Any, fallback: Fitted) -> Fitted:
         reason = f"the {len(s)} fitting studies are all {'abnormal' if abnormal.any() else 'normal'}"
         return Fitted(fallback.temperature, {**fallback.operating_point, "not_refitted": reason})
     temperature = M.fit_temperature(s.logits, s.labels) if s.logits is not None else 1.0
+    rejected = None
+    if s.logits is not None and temperature != 1.0:
+        # NLL and ECE can disagree (few studies, a few confident errors): a temperature that makes the
+        # fitting split's ECE worse would be stored as "calibration" while making it worse; kept at 1 instead
+        before = M.calibration_bins(s.labels, M.softmax_t(s.logits, 1.0))["ece"]
+        after = M.calibration_bins(s.labels, M.softmax_t(s.logits, temperature))["ece"]
+        if after > before:
+            rejected = (
+                f"the fitted temperature {temperature:.3g} raised the calibration split's ECE from {before:.3f} "
+                f"to {after:.3f}: not applied (temperature 1)"
+            )
+            temperature = 1.0
     _, scores = Fitted(temperature, {}).calibrated(s)
-    return Fitted(temperature, operating_point(abnormal, scores, EvalConfig(operating_point=rule)))
+    return Fitted(temperature, operating_point(abnormal, scores, EvalConfig(operating_point=rule)), rejected)
 
 
 def halves(s: Scored, seed: int) -> np.ndarray:
@@ -194,6 +207,8 @@ def classification_metrics(
     else:
         fitted = fit(calibration, rule, stored)
         out["temperature"] = fitted.temperature
+        if fitted.temperature_rejected:
+            out["temperature_rejected"] = fitted.temperature_rejected
         out["operating_point"] = fitted.operating_point
         if same_split:
             probs, scores, thresholds, out["folds"] = crossfit(s, rule, seed, stored)

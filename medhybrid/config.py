@@ -58,6 +58,11 @@ class DataConfig(Strict):
     )
     spatial_dims: Literal[2, 3] = 3
     modality: str | None = None
+    body_parts: tuple[str, ...] | None = Field(
+        None,
+        description="DICOM BodyPartExamined values the model is meant for; a study declaring another is "
+        "NOT ASSESSED (docs/inference.md, scope rules)",
+    )
     intensity: IntensityPreset = "minmax"
     spacing: tuple[float, ...] | None = Field(None, description="target voxel spacing in mm; None keeps it")
     orientation: str | None = Field(

@@ -137,6 +137,13 @@ def test_rules_in_isolation() -> None:
     assert [r.code for r in before_model(coarse, scope)] == ["spacing"]  # 7 mm > 2 x 3 mm
     assert [r.code for r in before_model(coarse, Scope(modalities=("CT",)))] == []  # no range recorded
     assert [r.code for r in after_model(0.5)] == ["field_of_view"] and after_model(1.0) == []
+    chest = Scope(modalities=("CT",), body_parts=("CHEST", "ABDOMEN"))
+    head = Study("s", ct.array, ct.affine, "CT", Path("x"), "dicom", metadata={"BodyPartExamined": "head"})
+    assert [r.code for r in before_model(head, chest)] == ["body_part"]
+    assert before_model(head, Scope(modalities=("CT",))) == []  # no body part declared: not a rule
+    assert before_model(ct, chest) == []  # a study naming no body part is not refused on it
+    tagged = Study("s", ct.array, ct.affine, "CT", Path("x"), "dicom", metadata={"BodyPartExamined": "CHEST"})
+    assert before_model(tagged, chest) == []
 
 
 def test_the_page_shows_timings_the_source_and_the_epochs_run(

@@ -61,7 +61,7 @@ class Structure(Lesion):
 
 
 class ScopeReason(_Model):
-    code: str = Field(description="modality, dimensions, localizer, spacing, field_of_view, qc_reject")
+    code: str = Field(description="modality, body_part, dimensions, localizer, spacing, field_of_view, qc_reject")
     message: str
 
 

@@ -10,6 +10,8 @@ The rules (docs/inference.md):
 
 - ``modality``: the study's modality is not one the model was trained on (a CT model given MR, US, an
   X-ray). Studies of unknown modality (``OT``: a NIfTI file) are assessed, with a QC warning.
+- ``body_part``: the study's DICOM BodyPartExamined is not one of the pipeline's ``body_parts`` (a chest
+  model given a HEAD series). A study that names no body part (most CT, every NIfTI) is not refused on it.
 - ``dimensions``: a 2D model given a volume, or a 3D model given a single slice (a scout, a radiograph).
 - ``localizer``: a DICOM series whose ImageType says LOCALIZER (a scout / topogram).
 - ``spacing``: a native voxel spacing below half the smallest or above twice the largest the model was
@@ -40,6 +42,7 @@ class Scope:
     """The model's declared scope (see the module docstring)."""
 
     modalities: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
     spatial_dims: int = 3
     spacing_min: tuple[float, ...] | None = None
     spacing_max: tuple[float, ...] | None = None
@@ -49,6 +52,7 @@ class Scope:
     def as_dict(self) -> dict[str, Any]:
         return {
             "modalities": list(self.modalities),
+            "body_parts": list(self.body_parts),
             "spatial_dims": self.spatial_dims,
             "spacing_min": list(self.spacing_min) if self.spacing_min else None,
             "spacing_max": list(self.spacing_max) if self.spacing_max else None,
@@ -65,6 +69,7 @@ def scope_from_checkpoint(ckpt: Mapping[str, Any]) -> Scope:
     modalities = declared.get("modalities") or ([pre["modality"]] if pre.get("modality") else [])
     return Scope(
         modalities=tuple(str(m).upper() for m in modalities),
+        body_parts=tuple(str(b).upper() for b in declared.get("body_parts") or pre.get("body_parts") or ()),
         spatial_dims=int(declared.get("spatial_dims") or pre.get("spatial_dims") or 3),
         spacing_min=_floats(declared.get("spacing_min")),
         spacing_max=_floats(declared.get("spacing_max")),
@@ -85,6 +90,7 @@ def training_scope(data_cfg: Any, spacings: Sequence[Sequence[float]]) -> dict[s
     arr = np.array([list(s)[:dims] for s in spacings if len(s) >= dims], dtype=float) if spacings else None
     return {
         "modalities": [str(m).upper() for m in declared],
+        "body_parts": [str(b).upper() for b in data_cfg.body_parts or ()],
         "spatial_dims": dims,
         "spacing_min": arr.min(axis=0).round(6).tolist() if arr is not None and len(arr) else None,
         "spacing_max": arr.max(axis=0).round(6).tolist() if arr is not None and len(arr) else None,
@@ -102,6 +108,14 @@ def before_model(study: Study, scope: Scope) -> list[Reason]:
             Reason(
                 code="modality",
                 message=f"the study is {modality}; the model was trained on {', '.join(scope.modalities)}",
+            )
+        )
+    body_part = str(study.metadata.get("BodyPartExamined") or "").strip().upper()
+    if scope.body_parts and body_part and body_part not in scope.body_parts:
+        reasons.append(
+            Reason(
+                code="body_part",
+                message=f"the study is of the {body_part}; the model is meant for {', '.join(scope.body_parts)}",
             )
         )
     if scope.spatial_dims == 2 and not study.is_2d:

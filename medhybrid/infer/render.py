@@ -201,6 +201,8 @@ td,th{border:1px solid #d5d9de;padding:4px 8px;text-align:left;vertical-align:to
 .warn{color:#8a5a00} .reject{color:#b00020} .ok{color:#2e7d32}
 figure{display:inline-block;margin:0 8px 8px 0;vertical-align:top} figcaption{font-size:12px;color:#5b6570}
 img{image-rendering:auto;background:#000} .thumb{background:#000}
+tr.sel td{background:#e8f0fe;outline:1px solid #8ab4f8} th[data-type]{cursor:pointer} .controls{margin:8px 0}
+th[aria-sort=descending]::after{content:" \\25BC"} th[aria-sort=ascending]::after{content:" \\25B2"}
 .banner{background:#fff4e5;border:1px solid #f0c36d;padding:8px 12px;margin:12px 0;font-size:13px}
 """
 
@@ -227,6 +229,8 @@ def _calibration_text(calibration: dict[str, Any]) -> str:
     text = f"temperature {calibration['temperature']:.3f}, fitted on {calibration.get('fitted_on', '?')}"
     if calibration.get("ece_before") is not None:
         text += f" (ECE {calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f})"
+    if calibration.get("temperature_rejected"):
+        text += f"; warning: {calibration['temperature_rejected']}"
     return text
 
 
@@ -393,35 +397,52 @@ def report_html(report: dict[str, Any], slices: list[dict[str, Any]], card: dict
     return _page(f"medhybrid report {report['study_key']}", "\n".join(parts))
 
 
+_DECISION_TEXT = {"not_assessed": "NOT ASSESSED", "none": "no verdict"}
+
+
 def _threshold_text(threshold: float | None) -> str:
     return "no verdict (anatomy)" if threshold is None else f"threshold {threshold:.3f}"
 
 
 def index_html(rows: Sequence[dict[str, Any]], failed: Sequence[dict[str, Any]], meta: dict[str, Any]) -> bytes:
-    """The worklist: studies by descending probability, then the failures with their reasons."""
+    """The worklist: studies by descending probability (NOT ASSESSED ones after, with no score), then the
+    failures with their reasons. Sortable by any column, filterable by text and decision, keyboard
+    navigable (``assets/worklist.js``, inlined: the page needs no network)."""
+    from medhybrid.infer.viewer import inline_asset  # viewer imports this module
+
+    decisions = sorted({str(r.get("decision") or "none") for r in rows})
+    options = "".join(f'<option value="{_e(d)}">{_e(_DECISION_TEXT.get(d, d))}</option>' for d in decisions)
     parts = [
         "<h1>medhybrid worklist</h1>",
         f'<div class="muted">{len(rows)} studies reported, {len(failed)} failed · model {_e(meta.get("model"))} · '
         f"{_threshold_text(meta.get('threshold'))} · input {_e(meta.get('input'))}</div>",
         '<div class="banner">Research use only: sorted by the study score (probability of abnormality) for '
         "review.</div>",
-        "<table><tr><th>#</th><th>Image</th><th>Study</th><th>Score</th><th>Decision</th>"
-        "<th>Lesion (mL)</th><th>QC</th><th>Source</th></tr>",
+        '<div class="controls"><input id="filter" type="search" placeholder="filter (/)" aria-label="filter rows"> '
+        f'<select id="decision-filter" aria-label="decision"><option value="">all decisions</option>{options}'
+        '</select> <span id="shown" class="muted"></span> <span class="muted">· click a header to sort · '
+        "j/k or arrows to move, Enter to open</span></div>",
+        '<table id="worklist"><thead><tr><th data-type="number">#</th><th>Image</th><th data-type="text">Study</th>'
+        '<th data-type="number">Score</th><th data-type="text">Decision</th><th data-type="number">Lesion (mL)</th>'
+        '<th data-type="text">QC</th><th data-type="text">Source</th></tr></thead><tbody>',
     ]
     for n, r in enumerate(rows, 1):
         key = _e(r["study_key"])
         thumb = f'<img class="thumb" src="{key}/thumb.png" alt="thumbnail">' if r.get("thumbnail") else ""
-        score = f"{float(r['probability']):.3f}" if r.get("probability") not in ("", None) else "n/a"
-        decision = {"not_assessed": "NOT ASSESSED"}.get(r.get("decision") or "", r.get("decision") or "no verdict")
-        badge = r.get("decision") or "none"
+        has_score = r.get("probability") not in ("", None)
+        score = f"{float(r['probability']):.3f}" if has_score else "n/a"
+        badge = str(r.get("decision") or "none")
+        decision = _DECISION_TEXT.get(badge, badge)
+        lesion = r.get("lesion_ml", "")
         parts.append(
-            f'<tr><td>{n}</td><td><a href="{key}/report.html">{thumb}</a></td>'
-            f'<td><a href="{key}/report.html">{key}</a></td><td>{score}</td>'
+            f'<tr data-decision="{_e(badge)}"><td>{n}</td><td><a href="{key}/report.html">{thumb}</a></td>'
+            f'<td><a href="{key}/report.html">{key}</a></td>'
+            f'<td data-v="{_e(r["probability"]) if has_score else ""}">{score}</td>'
             f'<td><span class="badge {_e(badge)}">{_e(decision)}</span></td>'
-            f'<td>{_e(r.get("lesion_ml", ""))}</td><td class="{_e(r["qc_verdict"])}">{_e(r["qc_verdict"])}</td>'
+            f'<td data-v="{_e(lesion)}">{_e(lesion)}</td><td class="{_e(r["qc_verdict"])}">{_e(r["qc_verdict"])}</td>'
             f'<td class="muted">{_e(r["source"])}</td></tr>'
         )
-    parts.append("</table>")
+    parts.append("</tbody></table>")
     if failed:
         parts.append("<h2>Failed</h2><table><tr><th>Study</th><th>Source</th><th>Error</th><th>Reason</th></tr>")
         parts += [
@@ -430,4 +451,5 @@ def index_html(rows: Sequence[dict[str, Any]], failed: Sequence[dict[str, Any]],
             for f in failed
         ]
         parts.append("</table>")
+    parts.append(f"<script>{inline_asset('worklist.js')}</script>")
     return _page("medhybrid worklist", "\n".join(parts))

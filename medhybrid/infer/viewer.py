@@ -193,7 +193,7 @@ def viewer_html(
     return "\n".join(
         [
             '<section id="mh-viewer" class="mh-viewer" data-ready="0">',
-            f"<style>{_asset('viewer.css')}</style>",
+            f"<style>{inline_asset('viewer.css')}</style>",
             "<h2>Viewer</h2>",
             f'<p class="muted">{_e(_note(study, frame, emb, unit, oriented, budget))}</p>',
             _controls(_presets(study.modality, window, reduced), window, overlays, lab),
@@ -203,7 +203,7 @@ def viewer_html(
             _findings_html(findings, views[0], f),
             '<p class="mh-status muted">The viewer needs JavaScript; the key slices below are static.</p>',
             f'<script type="application/json" id="mh-viewer-data">{_json_for_script(data)}</script>',
-            f"<script>{_asset('viewer.js')}</script>",
+            f"<script>{inline_asset('viewer.js')}</script>",
             "</section>",
         ]
     )
@@ -359,7 +359,7 @@ def _findings_html(findings: list[Finding], primary: dict[str, Any], factors: tu
     return "".join(out)
 
 
-def _asset(name: str) -> str:
+def inline_asset(name: str) -> str:
     text = resources.files("medhybrid.infer").joinpath(f"assets/{name}").read_text(encoding="utf-8")
     if "</" in text:  # inlined in <script>/<style>: a closing tag would end it early
         raise ValueError(f"assets/{name} must not contain '</'")

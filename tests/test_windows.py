@@ -71,3 +71,21 @@ def test_a_large_scan_is_covered_whole_by_the_checkpoint_preprocessing(tiny_run:
     with torch.no_grad():
         alone = predictor.members[0].model(window)["logits"].float()
     assert float(abnormal_margin(torch.as_tensor(pred.logits)[None])[0]) >= float(abnormal_margin(alone)[0]) - 1e-4
+
+
+def test_saliency_of_a_batch_of_windows_is_each_windows_own() -> None:
+    """Inference explains windows four at a time: in eval mode every window's Grad-CAM and rollout must be
+    what it would be alone (no batch statistics, no gradient shared between windows)."""
+    from medhybrid.infer.saliency import Explainer
+    from medhybrid.models.registry import create_model
+
+    torch.manual_seed(0)
+    model = create_model("hybrid_tiny_3d", num_classes=2, seg_classes=2, img_size=(32, 32, 32)).eval()
+    explainer = Explainer(model)
+    x = torch.randn(3, 1, 32, 32, 32)
+    batched = explainer(x)
+    for i in range(3):
+        alone = explainer(x[i : i + 1])
+        for method in ("gradcam", "attention"):
+            torch.testing.assert_close(batched[method][i : i + 1], alone[method], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(batched["outputs"]["logits"][i : i + 1], alone["outputs"]["logits"])

@@ -4,8 +4,10 @@ One forward pass gives the outputs, the attention weights and the Grad-CAM activ
 pass gives the Grad-CAM gradients. So explaining a prediction costs one backward pass on top of it.
 
 - **Grad-CAM** (MONAI's ``GradCAM``): the score is the log-odds of abnormality against the normal
-  class, ``logit[c] - logit[0]`` for the most likely abnormal class ``c``; for a segmentation-only model,
-  the mean foreground-vs-background log-odds of the mask. The map is upsampled to the input and kept
+  class, ``logsumexp(logit[1:]) - logit[0]`` (any abnormal class; for two classes ``logit[1] - logit[0]``),
+  the evidence :mod:`medhybrid.infer.windows` ranks windows by; for a segmentation-only model, the mean
+  foreground-vs-background log-odds of the mask. A batch of windows gets each window's own map.
+  The map is upsampled to the input and kept
   *raw* (MONAI's per-sample min-max ``postprocessing`` is replaced by the identity).
 - **Attention rollout** (Abnar & Zuidema, 2020), written here because neither MONAI nor any
   well-kept library implements it for a custom Transformer: per block, head-averaged attention plus
@@ -70,11 +72,14 @@ class _Scored(nn.Module):
             self.outputs, self.attention, self.grid = self.model.forward_explained(x)  # type: ignore[operator]
         else:
             self.outputs = self.model(x)
+        # one score column per sample: MONAI indexes ``logits[:, class_idx]`` with the per-sample argmax, which
+        # for a batch of B sums B copies of the column (every map B times its own); with one column that is
+        # exactly B x each sample's map, undone in Explainer.__call__
         if "logits" in self.outputs:
             logits = self.outputs["logits"]
-            return logits[:, 1:] - logits[:, :1]
+            return (torch.logsumexp(logits[:, 1:], dim=1) - logits[:, 0])[:, None]
         seg = self.outputs["seg_logits"]
-        return (seg[:, 1:] - seg[:, :1]).flatten(2).mean(-1)
+        return (seg[:, 1:] - seg[:, :1]).flatten(2).mean(-1).mean(1, keepdim=True)
 
 
 def rollout(maps: list[torch.Tensor], grid: tuple[int, ...], use_cls: bool) -> torch.Tensor:
@@ -128,7 +133,8 @@ class Explainer:
             with torch.enable_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # MONAI warns about hooks on frozen layers
                 # class_idx None: GradCAM scores the largest column, i.e. the most likely abnormal class
-                result["gradcam"] = torch.nan_to_num(self.cam(x.detach()).detach().float(), nan=0.0)
+                cam = self.cam(x.detach()).detach().float() / x.shape[0]  # see _Scored.forward
+                result["gradcam"] = torch.nan_to_num(cam, nan=0.0)
         else:
             with torch.no_grad():
                 scored(x)

@@ -28,7 +28,7 @@ def test_cross_fitted_auroc_is_the_raw_auroc_even_when_the_halves_reorder_studie
     """Two halves calibrated with very different temperatures reorder studies across halves: the AUROC of
     those probabilities is not the model's AUROC. Rank metrics must use the raw scores."""
     rng = np.random.default_rng(3)
-    n = 60
+    n = 200  # halves of 100: enough that each half's fitted temperature also lowers its ECE (kept, not rejected)
     labels = np.arange(n) % 2
     s = Scored(labels, np.zeros(n), np.zeros((n, 2)))
     half = halves(s, seed=0)
@@ -46,6 +46,7 @@ def test_cross_fitted_auroc_is_the_raw_auroc_even_when_the_halves_reorder_studie
     assert out["auroc"]["value"] == roc_auc_score(labels, raw)
     _, crossfit_scores, _, folds = crossfit(s, "youden", seed=0, fallback=stored)
     assert folds[0]["temperature"] < folds[1]["temperature"] / 3  # the halves really differ
+    assert not any("temperature_rejected" in f for f in folds)
     assert roc_auc_score(labels, crossfit_scores) != roc_auc_score(labels, raw)  # what the old code reported
     assert np.array_equal(calibrated, crossfit_scores)  # the threshold is still applied to calibrated scores
 

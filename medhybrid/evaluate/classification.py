@@ -139,6 +139,8 @@ def crossfit(
         summary = {"temperature": fitted.temperature, "threshold": fitted.operating_point["threshold"]}
         if "not_refitted" in fitted.operating_point:
             summary["not_refitted"] = fitted.operating_point["not_refitted"]
+        if fitted.temperature_rejected:
+            summary["temperature_rejected"] = fitted.temperature_rejected
         folds.append({**summary, "n_fit": int((~test).sum())})
     return probs, scores, thresholds, folds
 

@@ -158,3 +158,5 @@ def test_the_page_shows_timings_the_source_and_the_epochs_run(
     assert report.source.path == folder.name
     run = json.loads((tiny_run / "run.json").read_text())
     assert f"{run['epochs_run']} epochs, best at epoch" in html
+    # the model card states the scope the rules apply (the tiny run: CT phantoms at 0.75 x 0.75 x 2.5 mm)
+    assert "Scope (what it may assess)</th><td>CT; 3D; native spacing 0.75-0.75 x 0.75-0.75 x 2.5-2.5 mm" in html

@@ -223,6 +223,18 @@ def _table(rows: Sequence[tuple[str, Any]]) -> str:
     return "<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows) + "</table>"
 
 
+def _scope_text(scope: dict[str, Any]) -> str:
+    """The checkpoint's declared scope (medhybrid/infer/scope.py) in one line."""
+    parts = [", ".join(scope.get("modalities") or []) or "any modality", f"{scope.get('spatial_dims', 3)}D"]
+    if scope.get("body_parts"):
+        parts.append("body parts " + ", ".join(scope["body_parts"]))
+    lo, hi = scope.get("spacing_min"), scope.get("spacing_max")
+    if lo and hi:
+        ranges = " x ".join(f"{a:.3g}-{b:.3g}" for a, b in zip(lo, hi, strict=False))
+        parts.append(f"native spacing {ranges} mm (x2 either way)")
+    return "; ".join(parts)
+
+
 def _calibration_text(calibration: dict[str, Any]) -> str:
     if not calibration.get("temperature"):
         return "none (raw softmax probabilities)"
@@ -386,6 +398,7 @@ def report_html(report: dict[str, Any], slices: list[dict[str, Any]], card: dict
     rows += [
         ("Training manifest SHA-256", card.get("manifest_sha256")),
         ("Calibration", _calibration_text(card.get("calibration") or {})),
+        ("Scope (what it may assess)", _scope_text(card.get("scope") or {})),
         ("Preprocessing", ", ".join(f"{k}={v}" for k, v in card.get("preprocessing", {}).items())),
         ("Intended use", card.get("intended_use")),
         ("medhybrid", model["medhybrid_version"]),

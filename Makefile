@@ -29,17 +29,18 @@ browser:
 	      apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES) >/dev/null 2>&1; }; }; } || \
 	echo "chromium/chromium-driver could not be installed: the browser tests will be skipped"
 
-# The demo: a synthetic cohort (real DICOM series + NIfTI), the demo pipeline trains on it, `evaluate` scores it on
+# The demo: a synthetic cohort of 200 phantoms (NIfTI), the demo pipeline trains on it, `evaluate` scores it on
 # the cohort's test split (CIs, calibration fitted on val and stored in the model), then `infer` reports on 16 new
-# phantoms (another seed: unseen patients) given as a folder of DICOM studies; it prints the worklist's path.
+# phantoms (another seed: unseen patients) given as a folder of DICOM studies; the last lines state the test AUROC and Dice and how the worklist ranks the new lesion studies.
 demo: install
 	rm -rf $(DEMO_OUT)/cohort $(DEMO_OUT)/run $(DEMO_OUT)/evaluation $(DEMO_OUT)/new_studies $(DEMO_OUT)/reports
-	$(BIN)/medhybrid data synth $(DEMO_OUT)/cohort --n 60 --dims 3 --format both --seed 0
+	$(BIN)/medhybrid data synth $(DEMO_OUT)/cohort --n 200 --dims 3 --format nifti --seed 0
 	$(BIN)/medhybrid data validate $(DEMO_OUT)/cohort/manifest.csv
 	$(BIN)/medhybrid train pipelines/demo.yaml --set data.manifest=$(abspath $(DEMO_OUT))/cohort/manifest.csv --out $(DEMO_OUT)/run
 	$(BIN)/medhybrid evaluate --model $(DEMO_OUT)/run --manifest $(DEMO_OUT)/cohort/manifest.csv --split test --out $(DEMO_OUT)/evaluation
 	$(BIN)/medhybrid data synth $(DEMO_OUT)/new_studies --n 16 --dims 3 --format dicom --seed 1
 	$(BIN)/medhybrid infer $(DEMO_OUT)/new_studies/dicom --model $(DEMO_OUT)/run --out $(DEMO_OUT)/reports
+	$(PY) -m medhybrid.evaluate.demo_summary $(DEMO_OUT)/evaluation $(DEMO_OUT)/reports $(DEMO_OUT)/new_studies/manifest.csv
 
 test: install browser
 	$(PY) -m pytest -q

@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from medhybrid.data.synth import assign_splits, synth_study, synthesize_cohort
+from medhybrid.data.synth import LESION_CONTRAST, assign_splits, synth_study, synthesize_cohort
 from medhybrid.errors import ConfigError
 from medhybrid.io.dicom import discover_dicom, load_series
 from medhybrid.io.readers import read_image
@@ -83,10 +83,10 @@ def test_masks_exact(cohort: Path) -> None:
         assert mask.any() == (r["label"] == "1")
         image = read_image(cohort / r["image"]).array
         np.testing.assert_array_equal(image, study.image.astype(np.float32))
-        if mask.any():  # lesions sit in soft tissue or liver and change it by 25..90 HU
+        if mask.any():  # lesions sit in soft tissue or liver and change it by LESION_CONTRAST HU
             assert set(np.unique(study.background[mask.astype(bool)])) <= {40.0, 60.0}
             delta = np.abs(study.clean - study.background)[mask.astype(bool)]
-            assert delta.min() >= 25 and delta.max() <= 90
+            assert delta.min() >= LESION_CONTRAST[0] and delta.max() <= LESION_CONTRAST[1]
 
 
 def test_labels_balanced_and_splits() -> None:

@@ -516,7 +516,7 @@ def test_shipped_pipelines_validate(name: str) -> None:
 
 
 def test_demo_pipeline_runs_on_a_small_cohort(tmp_path: Path) -> None:
-    manifest = synthesize_cohort(tmp_path / "cohort", n=10, dims=3, fmt="both", seed=0)
+    manifest = synthesize_cohort(tmp_path / "cohort", n=16, dims=3, fmt="both", seed=0)  # 10 train >= batch 8
     result = CliRunner().invoke(
         app,
         [

@@ -32,10 +32,19 @@ def test_ct_window_spacing_and_size(cohort: Path) -> None:
         spacing=(1.0, 1.0, 3.0),
         intensity="ct_soft_tissue",
     )
+    # validation/inference keep the whole field of view at the model's spacing (64 x 0.75 mm = 48 voxels of
+    # 1 mm; 32 x 2.5 mm = 26.7 -> 27 slices of 3 mm), padded up to spatial_size, never cropped to it
     out = build_transforms(cfg, "val")(_item(cohort))
-    assert out["image"].shape == (1, 48, 48, 24) and out["mask"].shape == (1, 48, 48, 24)
+    assert out["image"].shape == (1, 48, 48, 27) and out["mask"].shape == (1, 48, 48, 27)
     assert float(out["image"].min()) >= 0.0 and float(out["image"].max()) <= 1.0
     assert set(out["mask"].unique().tolist()) <= {0.0, 1.0}
+    small = DataConfig(**{**cfg.model_dump(), "spatial_size": (56, 56, 30)})
+    assert build_transforms(small, "val")(_item(cohort))["image"].shape == (1, 56, 56, 30)  # padded up
+    # training crops/pads to spatial_size
+    train_out = build_transforms(DataConfig(**{**cfg.model_dump(), "augment": {"flip_prob": 0.0}}), "train")(
+        _item(cohort)
+    )
+    assert train_out["image"].shape == (1, 48, 48, 24)
 
 
 def test_train_mode_is_random_but_seedable(cohort: Path) -> None:

@@ -2,8 +2,11 @@
 
 Every study is an axial CT-like volume in HU: air, an elliptical body with a subcutaneous fat rim, two
 lungs in the upper body, a liver-like organ in the lower body, a vertebral body with discs, and Gaussian
-noise. About half the studies are abnormal (label 1) and carry 1-3 ellipsoidal lesions in soft tissue or
-liver; their mask is exactly the set of voxels the lesions changed (painted before the noise).
+noise (sigma 8-12 HU). Exactly half the studies are abnormal (label 1) and carry 1-3 ellipsoidal lesions in
+soft tissue or liver, 3-7.5 mm semi-axes in plane (about 0.1-1.8 mL), 40-120 HU brighter or darker than
+the tissue around them (contrast-to-noise 3-15): visible to a reader at a soft-tissue window, small
+against a 48 x 48 x 80 mm body, and at the low end of size and contrast not obvious. Their mask is exactly
+the set of voxels the lesions changed (painted before the noise).
 
 Study ``i`` depends only on ``(seed, i, dims)``, never on ``n``; the same arguments give byte-identical
 files. Output layout under ``out``::
@@ -45,6 +48,9 @@ LABEL_NAMES = {"0": "normal", "1": "abnormal"}
 MASK_LABEL_NAMES = {"0": "background", "1": "lesion"}
 FORMATS = ("dicom", "nifti", "both")
 SPLIT_FRACTIONS = (("train", 0.6), ("val", 0.2), ("test", 0.2))
+LESION_COUNT = (1, 3)  # lesions per abnormal study, inclusive
+LESION_RADIUS = (4.0, 10.0)  # in-plane semi-axes, voxels (3-7.5 mm)
+LESION_CONTRAST = (40.0, 120.0)  # |HU change|, either sign
 
 # Fake identities (DICOM only): realistic-looking so that PHI checks have something to find.
 _LAST = ("DOE", "SMITH", "MILLER", "GARCIA", "NGUYEN", "JOHNSON", "MARTIN", "BROWN", "WILSON", "MOORE", "LEE")
@@ -196,7 +202,8 @@ def _phantom(
 
 
 def _paint_lesions(rng: np.random.Generator, hu: np.ndarray, tissue: np.ndarray, dims: int) -> None:
-    """Paint 1-3 ellipsoids (in-plane radius 2-8 voxels, contrast +/-25..90 HU) into ``hu`` in place,
+    """Paint LESION_COUNT ellipsoids (in-plane semi-axes LESION_RADIUS voxels, through-plane scaled to the
+    same size in mm, contrast +/- LESION_CONTRAST HU) into ``hu`` in place,
     only where ``tissue`` is True; each lesion sets ``tissue value + contrast``."""
     base = hu.copy()
     candidates = np.argwhere(tissue)
@@ -204,11 +211,11 @@ def _paint_lesions(rng: np.random.Generator, hu: np.ndarray, tissue: np.ndarray,
     ii = np.arange(n_i)[:, None, None]
     jj = np.arange(n_j)[None, :, None]
     kk = np.arange(n_k)[None, None, :]
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(LESION_COUNT[0], LESION_COUNT[1] + 1))):
         ci, cj, ck = candidates[rng.integers(len(candidates))]
-        ri, rj = rng.uniform(2.0, 8.0, size=2)
+        ri, rj = rng.uniform(*LESION_RADIUS, size=2)
         rk = max(1.0, 0.5 * (ri + rj) * PIXEL_MM / SLICE_MM * rng.uniform(0.8, 1.2)) if dims == 3 else 1.0
-        contrast = rng.uniform(25.0, 90.0) * (1.0 if rng.random() < 0.5 else -1.0)
+        contrast = rng.uniform(*LESION_CONTRAST) * (1.0 if rng.random() < 0.5 else -1.0)
         inside = ((ii - ci) / ri) ** 2 + ((jj - cj) / rj) ** 2 + ((kk - ck) / rk) ** 2 <= 1.0
         inside &= tissue
         hu[inside] = base[inside] + np.float32(round(contrast))

@@ -181,8 +181,8 @@ def model_window(cfg: DataConfig) -> tuple[int, ...] | None:
     """The input size the model is run on window by window over a larger scan
     (:mod:`medhybrid.infer.windows`): the training patch for segmentation on patches, ``spatial_size`` for a
     model preprocessed at a physical ``spacing``; None for images cropped/padded to one size (no spacing)."""
-    if patch_sampling(cfg):
-        return tuple(cfg.patch_size) if cfg.patch_size is not None else None
+    if cfg.patch_size is not None and patch_sampling(cfg):
+        return tuple(cfg.patch_size)
     return tuple(cfg.spatial_size) if cfg.spacing else None
 
 

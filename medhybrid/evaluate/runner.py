@@ -160,7 +160,6 @@ class _Evaluator:
         self.faithful_done = 0
         self.model_threshold: float | None = None  # calibrated threshold, once fitted
         self.temperature = 1.0
-        self.can_delete = predictor.classifies
 
     def score(self, batch: torch.Tensor) -> torch.Tensor:
         """The calibrated probability of abnormality of a batch, from the members' mean logits."""
@@ -202,7 +201,7 @@ class _Evaluator:
                     name = f"{_safe(row.study_id)}_{method}.nii.gz"
                     save_nifti(arr, lift_affine(pred.affine), folder / name)
                     rec.saliency_files[method] = f"saliency/{name}"
-                if self.p.one_window(prepared.x) and self._wants_deletion(pred.logits):  # deletion re-scores one input
+                if self._wants_deletion(pred.logits, prepared.x):
                     rec.deletion = deletion_scores(
                         self.score,
                         prepared.x.to(self.p.device),
@@ -231,9 +230,12 @@ class _Evaluator:
         placed = png_mask_on_image(ref, study) if dims == 2 else ref
         return frame_affine(placed.affine, dims), placed.spacing
 
-    def _wants_deletion(self, logits: np.ndarray | None) -> bool:
-        """Deletion curves for studies called abnormal (the maps explain abnormality), up to the cap."""
-        if not self.can_delete or logits is None or self.faithful_done >= self.o.max_faithfulness:
+    def _wants_deletion(self, logits: np.ndarray | None, x: torch.Tensor) -> bool:
+        """Deletion curves for studies called abnormal (the maps explain abnormality), up to the cap, for a
+        classifier whose input is one window (the curve re-scores that one input)."""
+        if not self.p.classifies or not self.p.one_window(x):
+            return False
+        if logits is None or self.faithful_done >= self.o.max_faithfulness:
             return False
         p = float(abnormality(torch.softmax(torch.as_tensor(logits) / self.temperature, 0).numpy()[None])[0])
         return p >= (self.model_threshold if self.model_threshold is not None else self.p.threshold)

@@ -27,6 +27,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 from PIL import Image
 
 from medhybrid.config import CT_WINDOWS
+from medhybrid.infer.scope import SPACING_FACTOR
 from medhybrid.io.study import display_affine
 
 PANEL_PX = 256
@@ -231,7 +232,7 @@ def _scope_text(scope: dict[str, Any]) -> str:
     lo, hi = scope.get("spacing_min"), scope.get("spacing_max")
     if lo and hi:
         ranges = " x ".join(f"{a:.3g}-{b:.3g}" for a, b in zip(lo, hi, strict=False))
-        parts.append(f"native spacing {ranges} mm (x2 either way)")
+        parts.append(f"native spacing {ranges} mm (x{SPACING_FACTOR:g} either way)")
     return "; ".join(parts)
 
 

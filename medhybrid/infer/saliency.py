@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from monai.visualize import GradCAM
 from torch import nn
 
+from medhybrid.infer.windows import abnormal_margin
+
 SALIENCY_METHODS = ("gradcam", "attention")
 
 
@@ -77,7 +79,7 @@ class _Scored(nn.Module):
         # exactly B x each sample's map, undone in Explainer.__call__
         if "logits" in self.outputs:
             logits = self.outputs["logits"]
-            return (torch.logsumexp(logits[:, 1:], dim=1) - logits[:, 0])[:, None]
+            return abnormal_margin(logits)[:, None]
         seg = self.outputs["seg_logits"]
         return (seg[:, 1:] - seg[:, :1]).flatten(2).mean(-1).mean(1, keepdim=True)
 
@@ -132,7 +134,7 @@ class Explainer:
         if self.cam is not None:
             with torch.enable_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # MONAI warns about hooks on frozen layers
-                # class_idx None: GradCAM scores the largest column, i.e. the most likely abnormal class
+                # class_idx None: GradCAM scores the one column _Scored returns (the abnormality log-odds)
                 cam = self.cam(x.detach()).detach().float() / x.shape[0]  # see _Scored.forward
                 result["gradcam"] = torch.nan_to_num(cam, nan=0.0)
         else:

@@ -15,7 +15,8 @@ from medhybrid.models import FAMILIES, TASKS, create_model, get_entry, list_mode
 from medhybrid.models.baselines import nnunet_plan
 from medhybrid.models.context import ContextConfig, TransformerContext
 from medhybrid.models.encoders import ResNetConfig, ResNetEncoder
-from medhybrid.runtime import seed_everything
+from medhybrid.models.heads import segmentation_evidence
+from medhybrid.runtime import prefer_memory_format, seed_everything
 
 TINY = list_models(include_tiny=True)
 TINY = [n for n in TINY if get_entry(n).tiny]
@@ -401,3 +402,48 @@ def test_context_depth_zero_is_the_hybrid_without_a_transformer() -> None:
     assert set(maps) == {"outputs", "gradcam"}
     with pytest.raises(ModelError, match="depth must be >= 0"):
         create_model("hybrid_tiny_2d", context_depth=-1)
+
+
+# --- decoder at full resolution, mask evidence in the classifier, memory format ------------------
+
+
+def test_the_full_resolution_block_runs_at_the_input_size() -> None:
+    model = create_model("hybrid_tiny_3d", decoder_full_res=4).eval()
+    assert model.decoder.full_res is not None and model.decoder.head.conv.in_channels == 4
+    seen: list[tuple[int, ...]] = []
+    model.decoder.full_res.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape[2:])))
+    out = model(torch.randn(1, 1, 32, 24, 16))["seg_logits"]
+    assert seen == [(32, 24, 16)] and out.shape == (1, 2, 32, 24, 16)
+    assert create_model("hybrid_tiny_3d").decoder.full_res is None
+
+
+def test_the_classifier_reads_the_mask_evidence_detached() -> None:
+    model = create_model("hybrid_tiny_3d", fuse_seg_evidence=True).eval()
+    assert model.cls_head.fc.in_features == model.cfg.context_width + 32 + 1  # CLS, pooled token map, evidence
+    x = torch.randn(1, 1, 32, 32, 32)
+    out = model(x)
+    evidence = segmentation_evidence(out["seg_logits"])
+    margin = out["seg_logits"][:, 1] - out["seg_logits"][:, 0]
+    torch.testing.assert_close(evidence, margin.flatten(1).amax(1, keepdim=True))
+    # the evidence's weight moves the logits; the study label's gradient never reaches the decoder
+    with torch.no_grad():
+        model.cls_head.fc.weight[:, -1] += 1.0
+    out2 = model(x)
+    assert not torch.allclose(out2["logits"], out["logits"])
+    out2["logits"][0, 1].backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.decoder.parameters())
+    with pytest.raises(ModelError, match="fuse_seg_evidence needs"):
+        create_model("hybrid_tiny_3d", fuse_seg_evidence=True, seg_classes=0)
+
+
+def test_3d_models_run_channels_last_with_the_same_outputs() -> None:
+    model = create_model("hybrid_tiny_3d").eval()
+    x = torch.randn(2, 1, 32, 32, 32)
+    expected = model(x)
+    fast = prefer_memory_format(model, 3)
+    conv = fast.decoder.bridge.conv.weight  # (8, 32, 3, 3, 3): the layouts differ
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
+    for key, value in fast(x).items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-4)
+    flat = create_model("hybrid_tiny_2d")
+    assert prefer_memory_format(flat, 2).decoder.bridge.conv.weight.is_contiguous()

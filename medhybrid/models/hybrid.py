@@ -26,7 +26,7 @@ from medhybrid.errors import ModelError
 from medhybrid.models.base import MedModel, as_tuple, build_config
 from medhybrid.models.context import ContextConfig, TransformerContext
 from medhybrid.models.encoders import ResNetConfig, ResNetEncoder, Stride, norm_spec
-from medhybrid.models.heads import ClassificationHead, SegmentationDecoder
+from medhybrid.models.heads import ClassificationHead, SegmentationDecoder, segmentation_evidence
 from medhybrid.models.registry import register_model
 
 SEG_AND_CLS = ("classification", "segmentation")
@@ -44,7 +44,14 @@ class HybridConfig:
         img_size: the input size the positional embeddings are stored for (other sizes are resized).
         num_classes: classification outputs (0: no classification head).
         seg_classes: segmentation channels (0: no decoder).
-        fuse_pooled: concatenate the pooled token-stage CNN map to the CLS token before the classifier.
+        fuse_pooled: concatenate the pooled token-stage CNN map to the CLS token before the classifier (a
+            path around the Transformer: ablate it explicitly).
+        fuse_seg_evidence: concatenate the segmentation evidence (the log-odds of the most lesion-like
+            voxel of each foreground class, :func:`~medhybrid.models.heads.segmentation_evidence`) to the
+            CLS token before the classifier; needs ``seg_classes``. For small lesions the mask sees what
+            one CLS token over a coarse grid misses (docs/benchmarks.md, demo).
+        decoder_full_res: channels of a last decoder block at the input's resolution (TransUNet's fourth
+            block, no skip); 0: the logits are interpolated from the shallowest skip's resolution.
         decoder_channels: ``token_stage + 1`` entries (see :class:`SegmentationDecoder`).
     """
 
@@ -73,9 +80,11 @@ class HybridConfig:
     drop_path: float = 0.0
     # heads
     fuse_pooled: bool = True
+    fuse_seg_evidence: bool = False
     head_dropout: float = 0.0
     decoder_channels: tuple[int, ...] = (256, 128, 64, 16)
     decoder_convs: int = 2
+    decoder_full_res: int = 0
 
     def encoder_config(self) -> ResNetConfig:
         return ResNetConfig(
@@ -125,6 +134,10 @@ class HybridModel(MedModel):
         )
         if not 1 <= cfg.token_stage <= 4:
             raise ModelError(f"token_stage must be 1..4, got {cfg.token_stage}")
+        if cfg.fuse_seg_evidence and not (cfg.seg_classes and cfg.num_classes):
+            raise ModelError(
+                "fuse_seg_evidence needs both a classification head and a decoder (num_classes, seg_classes)"
+            )
         self.cfg = cfg
         self.encoder = ResNetEncoder(cfg.encoder_config())
         token_channels = self.encoder.out_channels[-1]
@@ -133,7 +146,11 @@ class HybridModel(MedModel):
         )
         self.cls_head = (
             ClassificationHead(
-                cfg.context_width, cfg.num_classes, token_channels if cfg.fuse_pooled else 0, cfg.head_dropout
+                cfg.context_width,
+                cfg.num_classes,
+                token_channels if cfg.fuse_pooled else 0,
+                cfg.head_dropout,
+                evidence_channels=cfg.seg_classes - 1 if cfg.fuse_seg_evidence else 0,
             )
             if cfg.num_classes
             else None
@@ -147,6 +164,7 @@ class HybridModel(MedModel):
                 seg_classes=cfg.seg_classes,
                 norm=norm_spec(cfg.norm),
                 convs_per_block=cfg.decoder_convs,
+                full_res_channels=cfg.decoder_full_res,
             )
             if cfg.seg_classes
             else None
@@ -167,10 +185,11 @@ class HybridModel(MedModel):
     ) -> dict[str, torch.Tensor]:
         fmap = feats[-1]
         out: dict[str, torch.Tensor] = {}
-        if self.cls_head is not None:
-            out["logits"] = self.cls_head(cls, fmap)
         if self.decoder is not None:
             out["seg_logits"] = self.decoder(tokens, fmap.shape[2:], feats[-2::-1], x.shape[2:])
+        if self.cls_head is not None:
+            evidence = segmentation_evidence(out["seg_logits"]) if self.cfg.fuse_seg_evidence else None
+            out["logits"] = self.cls_head(cls, fmap, evidence)
         return out
 
     def forward_explained(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], tuple[int, ...]]:

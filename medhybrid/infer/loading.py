@@ -29,6 +29,7 @@ from medhybrid.errors import CheckpointError
 from medhybrid.infer.saliency import Explainer
 from medhybrid.models.base import MedModel
 from medhybrid.models.registry import create_model
+from medhybrid.runtime import prefer_memory_format
 from medhybrid.train.checkpoint import DIGEST_KEY, load_checkpoint
 from medhybrid.train.records import BEST_FILE, ENSEMBLE_FILE
 
@@ -146,7 +147,7 @@ def load_member(path: Path, device: torch.device, saliency: tuple[str, ...]) -> 
     digest = ckpt[DIGEST_KEY]  # verified (or, for an old checkpoint, computed) by load_checkpoint
     for key in ("optimizer", "scheduler", "rng"):  # not needed to infer; can be large
         ckpt.pop(key, None)
-    model = model.to(device).eval()
+    model = prefer_memory_format(model.to(device), model.spatial_dims).eval()
     return Member(Path(path), model, Explainer(model, saliency), ckpt, digest)
 
 

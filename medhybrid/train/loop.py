@@ -37,7 +37,7 @@ from medhybrid.infer.scope import manifest_scope
 from medhybrid.io.writers import sha256_file
 from medhybrid.models import create_model, get_entry
 from medhybrid.models.base import MedModel
-from medhybrid.runtime import autocast, configure_threads, seed_everything
+from medhybrid.runtime import autocast, configure_threads, prefer_memory_format, seed_everything
 from medhybrid.train import distributed as dist_utils
 from medhybrid.train import records
 from medhybrid.train.checkpoint import (
@@ -177,7 +177,9 @@ class Trainer:
         task = load_task_data(cfg)
         self.task = task
         self.model_args = model_args(cfg, task)
-        model = build_model(cfg.model.name, self.model_args).to(self.device)
+        model = prefer_memory_format(
+            build_model(cfg.model.name, self.model_args).to(self.device), cfg.data.spatial_dims
+        )
         mark_untrainable(model)
         if cfg.model.pretrained is not None and start is None:
             report = load_pretrained(model, cfg.model.pretrained)

@@ -87,7 +87,7 @@ def quick_model(out: Path) -> Path:
     manifest = synthesize_cohort(out / "train_cohort", n=20, dims=3, fmt="nifti", seed=5)
     cfg = load_pipeline(
         REPO / "pipelines" / "demo.yaml",
-        [f"data.manifest={manifest}", "train.stages.0.epochs=1", "train.stages.1.epochs=1"],
+        [f"data.manifest={manifest}", "train.stages.0.epochs=2"],
     )
     shutil.rmtree(run_dir, ignore_errors=True)
     train(cfg, run_dir)

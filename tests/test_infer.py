@@ -534,3 +534,48 @@ def test_tta_flips_every_mask_back(run_dir: Path) -> None:
     assert plain is not None and tta is not None
     assert torch.allclose(tta, plain, atol=1e-6)
     assert float(tta[1].max()) > 0.99  # the object is there, at full probability
+
+
+@pytest.mark.parametrize(
+    "native",
+    [
+        np.diag([-0.7, -0.7, 1.25, 1.0]),  # an axial CT against a 1.5 mm RAS model grid: flips and scales
+        np.array([[0.9, 0, 0, -3.1], [0, -1.1, 0, 7.3], [0, 0, 2.0, -1.7], [0, 0, 0, 1]]),
+    ],
+)
+def test_the_separable_path_samples_what_grid_sample_samples(
+    native: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The axis-aligned fast path against the general one on the same inputs: equal to 1e-5, field of view
+    (zeros outside, coverage) included."""
+    from medhybrid.infer import resample
+
+    gen = torch.Generator().manual_seed(0)
+    vol = torch.rand(3, 17, 13, 9, generator=gen)
+    model = np.diag([1.5, 1.5, 2.5, 1.0])
+    model[:3, 3] = [-4.0, -6.0, 2.0]
+    shape = (40, 31, 14)
+    assert resample._axis_aligned((np.linalg.inv(model) @ native)[:3, :3])  # the first call takes the fast path
+
+    def mix(v: torch.Tensor) -> torch.Tensor:  # every channel counts, each with its own weight
+        return v[0] + 2 * v[1] + 4 * v[2]
+
+    fast_cov: list[float] = []
+    fast = resample.to_native_many([(vol, mix, np.float32)], model, native, shape, coverage=fast_cov)[0]
+    monkeypatch.setattr(resample, "_separable", lambda *a: pytest.fail("fast path used"))
+    monkeypatch.setattr(resample, "_axis_aligned", lambda m: False)
+    slow_cov: list[float] = []
+    slow = resample.to_native_many([(vol, mix, np.float32)], model, native, shape, coverage=slow_cov)[0]
+    assert (slow == 0).any() and (slow != 0).any()  # part of the native grid lies outside the model's
+    np.testing.assert_allclose(fast, slow, atol=1e-5)
+    assert fast_cov == pytest.approx(slow_cov)
+
+
+def test_argmax_labels_is_argmax_with_first_channel_ties() -> None:
+    gen = torch.Generator().manual_seed(1)
+    probs = torch.randint(0, 4, (3, 8, 7, 6), generator=gen).float()  # many ties
+    probs[:, 0] = 0.0  # a plane outside the field of view: every channel 0 -> label 0
+    labels = argmax_labels(probs[:, :, :, 1:5])  # a sliced slab, as to_native passes
+    assert labels.dtype == torch.uint8
+    torch.testing.assert_close(labels, probs[:, :, :, 1:5].argmax(0).to(torch.uint8))
+    assert not labels[0].any()

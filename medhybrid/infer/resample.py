@@ -9,6 +9,11 @@ output volume at once in float32 for every channel: a two-class probability map 
 is 840 MB before the argmax. Sampling ``slab`` native slices at a time and reducing each slab at once
 (argmax to uint8 labels, or saliency to uint8) keeps the extra memory to a few tens of MB whatever
 the scan size, and the result is the same voxel for voxel.
+
+When the native grid's axes map onto the model grid's axes one to one (flips and scales, no rotation or
+permutation: every axial scan resampled to an RAS model grid), trilinear sampling is the product of three
+1D linear interpolations and is done axis by axis (:func:`_separable`): the same values as ``grid_sample``
+(tested to 1e-5) at less cost (8.1 -> 5.6 s for the four channels of a 512 x 512 x 300 CT).
 """
 
 from __future__ import annotations
@@ -79,6 +84,9 @@ def to_native_many(
         coverage: if given, the share of native voxels inside the model grid's field of view is appended.
     """
     vols = [v.detach().float() for v, _, _ in volumes]
+    m_full = np.linalg.inv(lift_affine(model_affine)) @ np.asarray(native_affine, dtype=np.float64)
+    if mode == "bilinear" and _axis_aligned(m_full[:3, :3]) and all(v.ndim == 4 for v in vols):
+        return _separable(volumes, vols, m_full, native_shape, coverage)
     vols = [v[..., None] if v.ndim == 3 else v for v in vols]  # (C, H, W): a 2D grid is one slice thick
     if any(v.ndim != 4 for v in vols) or len({v.shape[1:] for v in vols}) != 1:
         raise ValueError(f"expected (C, *spatial) volumes on one grid, got {[tuple(v.shape) for v, _, _ in volumes]}")
@@ -115,9 +123,78 @@ def to_native_many(
     return outs
 
 
+def _axis_aligned(m: np.ndarray) -> bool:
+    """True when native axis ``a`` maps onto model axis ``a`` alone (a diagonal linear part)."""
+    off = m - np.diag(np.diag(m))
+    return bool(np.all(np.abs(off) <= 1e-9 * max(1.0, float(np.abs(m).max()))) and np.all(np.diag(m) != 0))
+
+
+def _taps(
+    n: int, step: float, offset: float, size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """1D linear interpolation of native positions ``0..n-1`` at model coordinate ``step * i + offset``
+    on an axis of ``size`` voxels: (lower index, upper index, upper weight, inside), with grid_sample's
+    ``border`` padding (clamped to the edge voxels) and the half-voxel field-of-view rule of :func:`to_native`."""
+    # float32 as in the grid_sample path, so the field-of-view rule decides each voxel the same way
+    c = torch.arange(n, dtype=torch.float32) * torch.tensor(step, dtype=torch.float32) + torch.tensor(
+        offset, dtype=torch.float32
+    )
+    inside = (c >= -0.5) & (c <= size - 0.5)
+    c = c.clamp(0, size - 1)
+    lo = c.floor().long().clamp(max=size - 1)
+    hi = (lo + 1).clamp(max=size - 1)
+    return lo, hi, c - lo, inside
+
+
+def _lerp(t: torch.Tensor, axis: int, lo: torch.Tensor, hi: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    shape = [1] * t.ndim
+    shape[axis] = -1
+    w = w.view(shape)
+    return t.index_select(axis, lo) * (1 - w) + t.index_select(axis, hi) * w
+
+
+def _separable(
+    volumes: Sequence[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], type]],
+    vols: list[torch.Tensor],
+    m: np.ndarray,
+    native_shape: tuple[int, int, int],
+    coverage: list[float] | None,
+) -> list[np.ndarray]:
+    """:func:`to_native_many` for an axis-aligned mapping, one 1D interpolation per axis and slab."""
+    splits = [v.shape[0] for v in vols]
+    inp = torch.cat(vols, 0)  # (C, S0, S1, S2)
+    ni, nj, nk = native_shape
+    taps = [_taps(n, float(m[a, a]), float(m[a, 3]), int(inp.shape[1 + a])) for a, n in enumerate(native_shape)]
+    (lo0, hi0, w0, in0), (lo1, hi1, w1, in1) = taps[0], taps[1]
+    plane_inside = (in0[:, None] & in1[None, :]).float()  # (I, J)
+    outs: list[np.ndarray] = [np.empty((ni, nj, nk), dtype=dtype) for _, _, dtype in volumes]
+    slab = max(1, SLAB_VOXELS // max(ni * nj, 1))
+    lo2, hi2, w2, in2 = taps[2]
+    for k0 in range(0, nk, slab):
+        k1 = min(nk, k0 + slab)
+        t = _lerp(inp, 3, lo2[k0:k1], hi2[k0:k1], w2[k0:k1])  # (C, S0, S1, k)
+        t = _lerp(t, 2, lo1, hi1, w1)  # (C, S0, J, k)
+        t = _lerp(t, 1, lo0, hi0, w0)  # (C, I, J, k)
+        t *= plane_inside[None, :, :, None] * in2[k0:k1].float()[None, None, None, :]
+        for out, part, (_, reduce, dtype) in zip(outs, t.split(splits, 0), volumes, strict=True):
+            out[:, :, k0:k1] = reduce(part).cpu().numpy().astype(dtype, copy=False)
+    if coverage is not None:
+        coverage.append(float(in0.sum()) * float(in1.sum()) * float(in2.sum()) / max(ni * nj * nk, 1))
+    return outs
+
+
 def argmax_labels(probs: torch.Tensor) -> torch.Tensor:
-    """Class index per voxel (0 where every channel is 0, i.e. outside the model's field of view)."""
-    return probs.argmax(0).to(torch.uint8)
+    """Class index per voxel (0 where every channel is 0, i.e. outside the model's field of view); the
+    first channel on ties, as ``argmax``. A running maximum over the channels instead of
+    ``probs.argmax(0)``: torch reduces over a leading axis of a sliced slab as a strided loop, 17 s for
+    the two channels of a 512 x 512 x 300 CT against 0.5 s for this."""
+    best = probs[0].clone()
+    labels = torch.zeros(probs.shape[1:], dtype=torch.uint8, device=probs.device)
+    for c in range(1, probs.shape[0]):
+        better = probs[c] > best
+        labels[better] = c
+        best = torch.maximum(best, probs[c])
+    return labels
 
 
 def to_uint8(values: torch.Tensor) -> torch.Tensor:

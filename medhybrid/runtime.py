@@ -61,12 +61,13 @@ def autocast(device: Any) -> Any:
     return torch.autocast("cuda", dtype=torch.bfloat16) if kind == "cuda" else contextlib.nullcontext()
 
 
-def prefer_memory_format(model: Any, spatial_dims: int) -> Any:
+def prefer_memory_format(model: Any) -> Any:
     """3D models in ``channels_last_3d`` (NDHWC): oneDNN's 3D convolutions run faster in it on CPU
     (backward above all); measured, forward + backward at batch 8 on 2 cores: the demo hybrid 0.37 ->
     0.25 s, a tiny DynUNet 0.11 -> 0.06 s, a ResNet-18 hybrid at 64^3 level. Converting the weights is
     enough: a convolution whose weight is channels-last runs and returns channels-last, so inputs need
-    no change. 2D models stay as they are (not measured to help)."""
+    no change. 2D models (``model.spatial_dims``, every MedModel has it) stay as they are (not measured
+    to help)."""
     import torch
 
-    return model.to(memory_format=torch.channels_last_3d) if spatial_dims == 3 else model
+    return model.to(memory_format=torch.channels_last_3d) if model.spatial_dims == 3 else model

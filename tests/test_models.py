@@ -440,10 +440,10 @@ def test_3d_models_run_channels_last_with_the_same_outputs() -> None:
     model = create_model("hybrid_tiny_3d").eval()
     x = torch.randn(2, 1, 32, 32, 32)
     expected = model(x)
-    fast = prefer_memory_format(model, 3)
+    fast = prefer_memory_format(model)
     conv = fast.decoder.bridge.conv.weight  # (8, 32, 3, 3, 3): the layouts differ
     assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
     for key, value in fast(x).items():
         torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-4)
     flat = create_model("hybrid_tiny_2d")
-    assert prefer_memory_format(flat, 2).decoder.bridge.conv.weight.is_contiguous()
+    assert prefer_memory_format(flat).decoder.bridge.conv.weight.is_contiguous()

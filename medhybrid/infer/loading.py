@@ -147,7 +147,7 @@ def load_member(path: Path, device: torch.device, saliency: tuple[str, ...]) -> 
     digest = ckpt[DIGEST_KEY]  # verified (or, for an old checkpoint, computed) by load_checkpoint
     for key in ("optimizer", "scheduler", "rng"):  # not needed to infer; can be large
         ckpt.pop(key, None)
-    model = prefer_memory_format(model.to(device), model.spatial_dims).eval()
+    model = prefer_memory_format(model.to(device)).eval()
     return Member(Path(path), model, Explainer(model, saliency), ckpt, digest)
 
 

@@ -84,17 +84,17 @@ def to_native_many(
         coverage: if given, the share of native voxels inside the model grid's field of view is appended.
     """
     vols = [v.detach().float() for v, _, _ in volumes]
-    m_full = np.linalg.inv(lift_affine(model_affine)) @ np.asarray(native_affine, dtype=np.float64)
-    if mode == "bilinear" and _axis_aligned(m_full[:3, :3]) and all(v.ndim == 4 for v in vols):
-        return _separable(volumes, vols, m_full, native_shape, coverage)
+    volumetric = all(v.ndim == 4 for v in vols)
     vols = [v[..., None] if v.ndim == 3 else v for v in vols]  # (C, H, W): a 2D grid is one slice thick
     if any(v.ndim != 4 for v in vols) or len({v.shape[1:] for v in vols}) != 1:
         raise ValueError(f"expected (C, *spatial) volumes on one grid, got {[tuple(v.shape) for v, _, _ in volumes]}")
+    # native voxel -> model voxel
+    m = np.linalg.inv(lift_affine(model_affine)) @ np.asarray(native_affine, dtype=np.float64)
+    if mode == "bilinear" and volumetric and _axis_aligned(m[:3, :3]):
+        return _separable(volumes, vols, m, native_shape, coverage)
     splits = [v.shape[0] for v in vols]
     inp = torch.cat(vols, 0)[None]  # (1, C, D=src0, H=src1, W=src2)
     src_shape = inp.shape[2:]
-    # native voxel -> model voxel
-    m = np.linalg.inv(lift_affine(model_affine)) @ np.asarray(native_affine, dtype=np.float64)
     m_t = torch.as_tensor(m[:3], dtype=torch.float32)
     size = torch.tensor(src_shape, dtype=torch.float32)
     # normalised coordinates for align_corners=True: -1 at voxel 0, +1 at voxel (n - 1)
@@ -141,7 +141,7 @@ def _taps(
     )
     inside = (c >= -0.5) & (c <= size - 0.5)
     c = c.clamp(0, size - 1)
-    lo = c.floor().long().clamp(max=size - 1)
+    lo = c.floor().long()
     hi = (lo + 1).clamp(max=size - 1)
     return lo, hi, c - lo, inside
 

@@ -177,9 +177,7 @@ class Trainer:
         task = load_task_data(cfg)
         self.task = task
         self.model_args = model_args(cfg, task)
-        model = prefer_memory_format(
-            build_model(cfg.model.name, self.model_args).to(self.device), cfg.data.spatial_dims
-        )
+        model = prefer_memory_format(build_model(cfg.model.name, self.model_args).to(self.device))
         mark_untrainable(model)
         if cfg.model.pretrained is not None and start is None:
             report = load_pretrained(model, cfg.model.pretrained)

@@ -127,6 +127,11 @@ class LossConfig(Strict):
     classification: Literal["ce", "focal"] = "ce"
     segmentation: Literal["dice_ce", "dice", "ce"] = "dice_ce"
     seg_weight: float = Field(1.0, ge=0, description="weight of the segmentation loss in multitask runs")
+    dice_background: bool = Field(
+        False,
+        description="count the background class in the Dice term (nnU-Net leaves it out: a background Dice "
+        "near 1 halves the gradient a missed small lesion gets)",
+    )
 
 
 class TrainConfig(Strict):
@@ -161,6 +166,14 @@ class EvalConfig(Strict):
     operating_point: Literal["youden"] | MinSensitivity | Annotated[float, Field(gt=0.0, lt=1.0)] = "youden"
     min_lesion_ml: float = Field(
         0.0, ge=0.0, description="segmentation-only lesion models: smaller components do not count in the study score"
+    )
+    window_overlap: float = Field(
+        0.5,
+        ge=0.0,
+        lt=1.0,
+        description="share of a window its neighbours overlap when a scan is covered window by window "
+        "(validation, evaluate, infer): nnU-Net's 0.5 by default; at least the largest lesion's diameter "
+        "over the window size, so every lesion lies whole in one window",
     )
 
     @model_validator(mode="after")

@@ -417,6 +417,35 @@ def test_the_full_resolution_block_runs_at_the_input_size() -> None:
     assert create_model("hybrid_tiny_3d").decoder.full_res is None
 
 
+def test_deep_supervision_heads_the_coarser_blocks_in_training_only() -> None:
+    model = create_model("hybrid_tiny_3d", deep_supervision=2).train()
+    out = model(torch.randn(2, 1, 32, 32, 32))
+    assert out["seg_logits"].shape == (2, 2, 32, 32, 32)
+    # finest first: the head reads the stride-2 block, the aux heads the stride-4 and stride-8 ones
+    assert out["seg_logits_aux1"].shape == (2, 2, 8, 8, 8)
+    assert out["seg_logits_aux2"].shape == (2, 2, 4, 4, 4)
+    assert "seg_logits_aux3" not in out
+    assert set(model.eval()(torch.randn(1, 1, 32, 32, 32))) == {"logits", "seg_logits"}
+    with pytest.raises(ModelError, match="deep_supervision must be 0..2"):
+        create_model("hybrid_tiny_3d", deep_supervision=3)
+    # with the full-resolution block the stride-2 block becomes the finest aux level
+    full = create_model("hybrid_tiny_3d", deep_supervision=1, decoder_full_res=4).train()
+    assert full(torch.randn(1, 1, 32, 32, 32))["seg_logits_aux1"].shape == (1, 2, 16, 16, 16)
+
+
+def test_the_segmentation_heads_start_at_the_foreground_prior() -> None:
+    """RetinaNet's prior bias: softmax of the biases alone is (1 - prior, prior), on every head."""
+    model = create_model("hybrid_tiny_3d", deep_supervision=1)
+    for head in (model.decoder.head, *model.decoder.aux_heads):
+        torch.testing.assert_close(torch.softmax(head.conv.bias, 0), torch.tensor([0.99, 0.01]))
+    three = create_model("hybrid_tiny_3d", seg_classes=3, seg_prior=0.1)
+    torch.testing.assert_close(torch.softmax(three.decoder.head.conv.bias, 0), torch.tensor([0.9, 0.05, 0.05]))
+    default_init = torch.softmax(create_model("hybrid_tiny_3d", seg_prior=None).decoder.head.conv.bias, 0)
+    assert float(default_init[1]) > 0.2  # PyTorch's init: biases near 0, about half foreground
+    with pytest.raises(ModelError, match="foreground_prior must lie in"):
+        create_model("hybrid_tiny_3d", seg_prior=1.0)
+
+
 def test_the_classifier_reads_the_mask_evidence_detached() -> None:
     model = create_model("hybrid_tiny_3d", fuse_seg_evidence=True).eval()
     assert model.cls_head.fc.in_features == model.cfg.context_width + 32 + 1  # CLS, pooled token map, evidence

@@ -406,6 +406,46 @@ def test_validation_dice_counts_a_class_painted_into_a_study_without_it() -> Non
     assert compute_metrics(records, ["dice", "loss"], 0, 2)["dice"] == pytest.approx(2 * 32 / 96 / 2)
 
 
+def test_the_dice_term_leaves_the_background_out_by_default() -> None:
+    """A missed 8-voxel lesion in a 4096-voxel batch: with the background in the Dice term its near-1 Dice
+    halves the loss (0.5); without it (nnU-Net's default, ours) the Dice term is the full 1."""
+    from medhybrid.config import LossConfig
+    from medhybrid.train.optim import TaskLoss
+
+    mask = torch.zeros(1, 1, 16, 16, 16)
+    mask[..., :2, :2, :2] = 1
+    logits = torch.zeros(1, 2, 16, 16, 16)
+    logits[:, 0] = 20.0  # background everywhere, confidently
+    batch = {"mask": mask}
+    default = TaskLoss(LossConfig(segmentation="dice"), "segmentation")({"seg_logits": logits}, batch)
+    with_bg = TaskLoss(LossConfig(segmentation="dice", dice_background=True), "segmentation")(
+        {"seg_logits": logits}, batch
+    )
+    assert float(default) == pytest.approx(1.0, abs=1e-3)
+    assert float(with_bg) == pytest.approx(0.5, abs=1e-2)
+
+
+def test_deep_supervision_scores_every_level_with_normalised_weights() -> None:
+    """Weights 1, 1/2 normalised to 2/3, 1/3 (nnU-Net): a perfect full-resolution map and a wrong coarse
+    one give a third of the coarse level's loss; without aux outputs only the main map counts."""
+    from medhybrid.config import LossConfig
+    from medhybrid.train.optim import TaskLoss
+
+    mask = torch.zeros(1, 1, 16, 16, 16)
+    mask[..., :8, :8, :8] = 1
+    good = torch.cat([1 - mask, mask], 1) * 40.0 - 20.0
+    coarse_mask = mask[..., ::2, ::2, ::2]
+    wrong = torch.cat([coarse_mask, 1 - coarse_mask], 1) * 40.0 - 20.0
+    loss = TaskLoss(LossConfig(segmentation="dice"), "segmentation")
+    batch = {"mask": mask}
+    main_only = float(loss({"seg_logits": good}, batch))
+    coarse_alone = float(loss({"seg_logits": wrong}, {"mask": coarse_mask}))
+    both = float(loss({"seg_logits": good, "seg_logits_aux1": wrong}, batch))
+    assert main_only == pytest.approx(0.0, abs=1e-3)
+    assert coarse_alone == pytest.approx(1.0, abs=1e-3)
+    assert both == pytest.approx(coarse_alone / 3, abs=1e-3)
+
+
 def test_class_weights() -> None:
     w = class_weights([0, 0, 0, 1], 2)
     assert w[1] == pytest.approx(3 * w[0]) and np.mean(w) == pytest.approx(1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,6 +12,8 @@ from monai.networks.blocks import Convolution
 from torch import nn
 
 from medhybrid.errors import ModelError
+
+AUX_SEG = "seg_logits_aux"  # output keys seg_logits_aux1, 2, ...: deep supervision's coarser logits
 
 _UPSAMPLE = {2: "bilinear", 3: "trilinear"}
 
@@ -78,6 +81,20 @@ class DecoderBlock(nn.Module):
         return self.convs(x)
 
 
+def _prior_bias(bias: torch.Tensor, foreground: float) -> None:
+    """Set a softmax head's biases so it starts at ``foreground`` (split over the classes after the first).
+
+    Background's bias stays 0 and each of the K foreground classes gets ``log(foreground / (K (1 - foreground)))``,
+    so ``softmax`` gives background ``1 - foreground`` and each foreground class ``foreground / K``.
+    """
+    if not 0.0 < foreground < 1.0:
+        raise ModelError(f"foreground_prior must lie in (0, 1), got {foreground}")
+    k = bias.numel() - 1
+    with torch.no_grad():
+        bias.zero_()
+        bias[1:] = math.log(foreground / (k * (1.0 - foreground)))
+
+
 class SegmentationDecoder(nn.Module):
     """TransUNet decoder: tokens reshaped to a map, then upsampled through the encoder's skips.
 
@@ -93,6 +110,15 @@ class SegmentationDecoder(nn.Module):
         full_res_channels: channels of TransUNet's last block, which upsamples to the input's size
             without a skip (the stem is strided, so nothing at full resolution exists to merge) and
             convolves there before the head; 0 leaves it out and interpolates the logits instead.
+        deep_supervision: how many coarser blocks (the ones before the last) get their own 1x1 head, whose
+            logits :meth:`forward` also returns in training mode (nnU-Net's deep supervision: the loss sees
+            every level, so the deep blocks learn where a structure is before the fine ones can draw it).
+        foreground_prior: the share of voxels the heads predict as foreground before any training (split
+            evenly over the foreground classes; RetinaNet's prior initialisation of the last bias). With
+            zero biases every voxel starts at 1/seg_classes foreground, the loss's first and cheapest escape
+            is to call everything background, and on small lesions a run can sit there for many epochs
+            (seed-dependent); starting near the true share removes that plateau. ``None``: PyTorch's default
+            initialisation.
 
     Shapes: ``tokens (B, N, width)`` on ``grid``, skips ``(B, C_i, *size_i)`` -> ``(B, seg_classes, *out_size)``.
     Without the full-resolution block the last block runs at the shallowest skip's resolution and the
@@ -113,6 +139,8 @@ class SegmentationDecoder(nn.Module):
         norm: Any = "batch",
         convs_per_block: int = 2,
         full_res_channels: int = 0,
+        deep_supervision: int = 0,
+        foreground_prior: float | None = 0.01,
     ) -> None:
         super().__init__()
         if len(channels) != len(skip_channels) + 1:
@@ -130,17 +158,34 @@ class SegmentationDecoder(nn.Module):
             DecoderBlock(dims, channels[-1], 0, full_res_channels, norm, convs_per_block) if full_res_channels else None
         )
         self.head = Convolution(dims, full_res_channels or channels[-1], seg_classes, kernel_size=1, conv_only=True)
+        # block outputs before the last one, finest first: the levels deep supervision may head
+        coarser = ([channels[-1]] if full_res_channels else []) + list(channels[-2:0:-1])
+        if not 0 <= deep_supervision <= len(coarser):
+            raise ModelError(f"deep_supervision must be 0..{len(coarser)} for this decoder, got {deep_supervision}")
+        self.aux_heads = nn.ModuleList(
+            Convolution(dims, c, seg_classes, kernel_size=1, conv_only=True) for c in coarser[:deep_supervision]
+        )
+        if foreground_prior is not None:
+            for head in (self.head, *self.aux_heads):
+                _prior_bias(head.conv.bias, foreground_prior)
 
     def forward(
         self, tokens: torch.Tensor, grid: Sequence[int], skips: Sequence[torch.Tensor], out_size: Sequence[int]
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The logits ``(B, seg_classes, *out_size)`` and, in training mode with deep supervision, each aux
+        head's logits at its block's resolution, finest first (else an empty list)."""
         x = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
         x = self.bridge(x)
+        levels = []
         for block, skip in zip(self.blocks, skips, strict=True):
             x = block(x, skip, skip.shape[2:])
+            levels.append(x)
         if self.full_res is not None:
             x = self.full_res(x, None, out_size)
+            levels.append(x)
         x = self.head(x)
         if tuple(x.shape[2:]) != tuple(out_size):
             x = F.interpolate(x, size=tuple(out_size), mode=_UPSAMPLE[self.dims], align_corners=False)
-        return x
+        if not self.training:
+            return x, []
+        return x, [head(level) for head, level in zip(self.aux_heads, levels[-2::-1], strict=False)]

@@ -26,7 +26,7 @@ from medhybrid.errors import ModelError
 from medhybrid.models.base import MedModel, as_tuple, build_config
 from medhybrid.models.context import ContextConfig, TransformerContext
 from medhybrid.models.encoders import ResNetConfig, ResNetEncoder, Stride, norm_spec
-from medhybrid.models.heads import ClassificationHead, SegmentationDecoder, segmentation_evidence
+from medhybrid.models.heads import AUX_SEG, ClassificationHead, SegmentationDecoder, segmentation_evidence
 from medhybrid.models.registry import register_model
 
 SEG_AND_CLS = ("classification", "segmentation")
@@ -52,6 +52,11 @@ class HybridConfig:
             one CLS token over a coarse grid misses (docs/benchmarks.md, demo).
         decoder_full_res: channels of a last decoder block at the input's resolution (TransUNet's fourth
             block, no skip); 0: the logits are interpolated from the shallowest skip's resolution.
+        deep_supervision: coarser decoder blocks with their own head in training (nnU-Net style); their
+            logits are returned as ``seg_logits_aux1``, ``seg_logits_aux2``, ... (finest first) in training
+            mode only, and the loss weighs them 1/2, 1/4, ... (:class:`medhybrid.train.optim.TaskLoss`).
+        seg_prior: the foreground share the segmentation heads start at (RetinaNet's prior bias, see
+            :class:`SegmentationDecoder`); ``null`` keeps PyTorch's initialisation (about even).
         decoder_channels: ``token_stage + 1`` entries (see :class:`SegmentationDecoder`).
     """
 
@@ -85,6 +90,8 @@ class HybridConfig:
     decoder_channels: tuple[int, ...] = (256, 128, 64, 16)
     decoder_convs: int = 2
     decoder_full_res: int = 0
+    deep_supervision: int = 0
+    seg_prior: float | None = 0.01
 
     def encoder_config(self) -> ResNetConfig:
         return ResNetConfig(
@@ -165,6 +172,8 @@ class HybridModel(MedModel):
                 norm=norm_spec(cfg.norm),
                 convs_per_block=cfg.decoder_convs,
                 full_res_channels=cfg.decoder_full_res,
+                deep_supervision=cfg.deep_supervision,
+                foreground_prior=cfg.seg_prior,
             )
             if cfg.seg_classes
             else None
@@ -186,7 +195,8 @@ class HybridModel(MedModel):
         fmap = feats[-1]
         out: dict[str, torch.Tensor] = {}
         if self.decoder is not None:
-            out["seg_logits"] = self.decoder(tokens, fmap.shape[2:], feats[-2::-1], x.shape[2:])
+            out["seg_logits"], aux = self.decoder(tokens, fmap.shape[2:], feats[-2::-1], x.shape[2:])
+            out.update({f"{AUX_SEG}{i}": a for i, a in enumerate(aux, start=1)})
         if self.cls_head is not None:
             evidence = segmentation_evidence(out["seg_logits"]) if self.cfg.fuse_seg_evidence else None
             out["logits"] = self.cls_head(cls, fmap, evidence)

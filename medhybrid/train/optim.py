@@ -7,9 +7,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.loss import _Loss
 
 from medhybrid.config import LossConfig, OptimizerConfig, StageConfig
 from medhybrid.errors import ConfigError
+from medhybrid.models.heads import AUX_SEG
 
 
 def _matches(name: str, prefix: str) -> bool:
@@ -94,12 +96,15 @@ class TaskLoss(nn.Module):
     """Classification and/or segmentation loss on the model's output dict.
 
     MONAI's ``DiceCELoss`` / ``DiceLoss`` / ``FocalLoss`` do the work; multitask adds ``seg_weight``
-    times the segmentation loss to the classification loss.
+    times the segmentation loss to the classification loss. A deeply supervised decoder's coarser logits
+    (``seg_logits_aux1``, ...) are scored against the mask downsampled to them (MONAI's
+    ``DeepSupervisionLoss``, weights 1, 1/2, 1/4, ... normalised to sum to 1 as nnU-Net does, so that
+    ``seg_weight`` means the same with or without them).
     """
 
     def __init__(self, cfg: LossConfig, task: str, class_weights: list[float] | None = None) -> None:
         super().__init__()
-        from monai.losses import DiceCELoss, DiceLoss, FocalLoss
+        from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss, FocalLoss
 
         self.task, self.seg_weight = task, cfg.seg_weight
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
@@ -113,13 +118,16 @@ class TaskLoss(nn.Module):
             )
         if task in ("segmentation", "multitask"):
             # Batch Dice (one Dice over the whole batch, as nnU-Net does): per-sample Dice on studies without
-            # any foreground would push every prediction to background.
+            # any foreground would push every prediction to background. The background class is left out of
+            # the Dice term by default (nnU-Net's do_bg=False); the cross-entropy term still covers it.
+            bg = cfg.dice_background
             if cfg.segmentation == "dice_ce":
-                self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+                self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, include_background=bg)
             elif cfg.segmentation == "dice":
-                self.seg_loss = DiceLoss(to_onehot_y=True, softmax=True, batch=True)
+                self.seg_loss = DiceLoss(to_onehot_y=True, softmax=True, batch=True, include_background=bg)
             else:
                 self.seg_loss = _MaskCE()
+            self.deep = DeepSupervisionLoss(self.seg_loss, weight_mode="exp")
         self.focal = cfg.classification == "focal"
 
     def forward(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
@@ -130,13 +138,19 @@ class TaskLoss(nn.Module):
             total = total + (self.cls_loss(logits, target[:, None]) if self.focal else self.cls_loss(logits, target))
         if self.seg_loss is not None:
             weight = self.seg_weight if self.task == "multitask" else 1.0
-            total = total + weight * self.seg_loss(
-                out["seg_logits"].float(), batch["mask"].to(out["seg_logits"].device)
-            )
+            levels = [out["seg_logits"].float()]
+            while f"{AUX_SEG}{len(levels)}" in out:
+                levels.append(out[f"{AUX_SEG}{len(levels)}"].float())
+            mask = batch["mask"].to(levels[0].device)
+            if len(levels) == 1:
+                seg = self.seg_loss(levels[0], mask)
+            else:
+                seg = self.deep(levels, mask) / sum(self.deep.get_weights(len(levels)))
+            total = total + weight * seg
         return total
 
 
-class _MaskCE(nn.Module):
+class _MaskCE(_Loss):
     """Cross-entropy on a ``(B, 1, *spatial)`` label map."""
 
     def forward(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

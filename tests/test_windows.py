@@ -42,6 +42,40 @@ def test_one_window_is_one_pass() -> None:
     assert calls == [(1, 1, 16, 16, 16)]
 
 
+def test_empty_surroundings_get_the_blank_windows_answer_without_being_windowed() -> None:
+    """A 24^3 body in the corner of a 96 x 96 x 32 scan of air: only the body's box is windowed (8 windows,
+    not the 363 of the whole scan), and every voxel outside it carries the model's output for an air window."""
+    calls: list[int] = []
+
+    def fn(t: torch.Tensor) -> dict[str, torch.Tensor]:
+        calls.append(t.shape[0])
+        mean = t.flatten(1).mean(1)
+        return {"logits": torch.stack([torch.zeros_like(mean), mean], 1), "seg": t + 10.0}
+
+    x = torch.full((1, 1, 96, 96, 32), -1.0)
+    x[..., 4:28, 6:30, 4:28] = torch.rand(24, 24, 24)
+    out = windowed(fn, x, (16, 16, 16), sw_batch_size=1)
+    assert sum(calls) == 2 * 2 * 2 + 1  # the 24^3 box at stride 8: 2 windows per axis; and one blank window
+    assert out["seg"].shape == x.shape
+    torch.testing.assert_close(out["seg"][..., 4:28, 6:30, 4:28], x[..., 4:28, 6:30, 4:28] + 10.0)
+    assert torch.all(out["seg"][..., 40:, :, :] == 9.0)  # air (-1) + 10: the blank window's answer
+    calls.clear()
+    whole = windowed(fn, x.clamp(min=0.0) + 0.01 * torch.rand_like(x), (16, 16, 16), sw_batch_size=1)
+    assert sum(calls) == 11 * 11 * 3 and whole["seg"].shape == x.shape  # noisy background: windowed whole
+
+
+def test_an_air_window_can_be_the_strongest() -> None:
+    """The blank window's logits are a candidate: a model that calls air abnormal says so for the study."""
+
+    def fn(t: torch.Tensor) -> dict[str, torch.Tensor]:
+        air = (t < 0).float().flatten(1).mean(1)
+        return {"logits": torch.stack([torch.zeros_like(air), 3.0 * air], 1), "seg": t.clone()}
+
+    x = torch.full((1, 1, 64, 64, 16), -1.0)
+    x[..., :16, :16, :] = 1.0
+    assert float(windowed(fn, x, (16, 16, 16))["logits"][0, 1]) == 3.0
+
+
 def test_the_strongest_window_is_by_log_odds_of_any_abnormal_class() -> None:
     logits = torch.tensor([[0.0, 1.0, -5.0], [3.0, 2.0, 2.5], [0.0, -1.0, 1.5]])
     margins = abnormal_margin(logits)

@@ -46,8 +46,9 @@ from medhybrid.infer.loading import (
     resolve_model,
 )
 from medhybrid.infer.resample import lift_affine
-from medhybrid.infer.saliency import SALIENCY_METHODS, normalise
+from medhybrid.infer.saliency import SALIENCY_METHODS, Explainer, normalise
 from medhybrid.infer.scope import scope_from_checkpoint
+from medhybrid.infer.window_saliency import explain_windows
 from medhybrid.infer.windows import fits, windowed
 from medhybrid.io.study import Study, spacing_from_affine
 from medhybrid.models.base import MedModel
@@ -56,6 +57,9 @@ from medhybrid.train.checkpoint import read_calibration
 from medhybrid.train.evaluate import abnormality
 
 logger = logging.getLogger(__name__)
+# windows per model call over a large scan; 16 against 4: -14 % forward, -27 % with saliency for the demo
+# model on 2 cores (docs/benchmarks.md)
+SW_BATCH = 16
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -166,6 +170,7 @@ class Predictor:
             self.operating_point = {"threshold": DEFAULT_THRESHOLD, "method": "default (none stored in checkpoint)"}
         self.scope = scope_from_checkpoint(ckpt)  # what it may assess (medhybrid/infer/scope.py)
         self.card = model_card(self)
+        self._quiet: dict[int, Explainer] = {}
 
     @property
     def threshold(self) -> float:
@@ -235,6 +240,28 @@ class Predictor:
     def _member_pass(self, member: Member, x: torch.Tensor, explain: bool) -> dict[str, torch.Tensor]:
         """One member on ``x``: ``logits`` (B, C) raw, ``seg`` (B, S, *spatial) probabilities, and (with
         ``explain``) the raw saliency maps (B, 1, *spatial)."""
+        if explain and self._windows_explained_apart(member, x):
+            quiet = self._forward_only(member)
+
+            def forward(t: torch.Tensor) -> dict[str, torch.Tensor]:
+                with autocast(self.device):
+                    result = quiet(t)
+                return {**_outputs(result.pop("outputs")), **result}
+
+            def gradcam(t: torch.Tensor) -> torch.Tensor:
+                with autocast(self.device):
+                    return member.explainer(t)["gradcam"]
+
+            return explain_windows(
+                forward,
+                gradcam,
+                x,
+                self.window,  # type: ignore[arg-type]
+                threshold=self.threshold,
+                temperature=self.temperature,
+                overlap=self.eval_cfg.window_overlap,
+                sw_batch_size=SW_BATCH,
+            )
         if explain:
 
             def window(t: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -249,9 +276,22 @@ class Predictor:
                 with autocast(self.device):
                     return _outputs(member.model(t))
 
-        # windows in batches of 4, saliency too: in eval mode each window's Grad-CAM gradient is its own
+        # windows in batches of SW_BATCH, saliency too: in eval mode each window's Grad-CAM gradient is its own
         # (BatchNorm uses running statistics), so batching changes nothing but the speed
-        return windowed(window, x, self.window, sw_batch_size=4)
+        return windowed(window, x, self.window, overlap=self.eval_cfg.window_overlap, sw_batch_size=SW_BATCH)
+
+    def _windows_explained_apart(self, member: Member, x: torch.Tensor) -> bool:
+        """Grad-CAM only on the windows that carry the score (:mod:`medhybrid.infer.window_saliency`): a
+        classifier over more than one window."""
+        return self.classifies and not self.one_window(x) and "gradcam" in member.explainer.methods
+
+    def _forward_only(self, member: Member) -> Explainer:
+        """``member``'s outputs and forward-only maps (attention rollout), without Grad-CAM; built once."""
+        key = id(member)
+        if key not in self._quiet:
+            methods = tuple(m for m in member.explainer.methods if m != "gradcam")
+            self._quiet[key] = Explainer(member.model, methods)
+        return self._quiet[key]
 
     def _flipped(self, member: Member, x: torch.Tensor, axis: int) -> dict[str, torch.Tensor]:
         """A TTA pass on ``x`` flipped along ``axis`` (no saliency), its mask flipped back.

@@ -4,6 +4,7 @@ the study's folder only when complete."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -306,15 +307,31 @@ def _write_outputs(
 ) -> tuple[list[dict[str, Any]], str]:
     """Every file but report.html and report.json; returns the page's key slices and viewer section (the page
     is written once the timings are known)."""
-    if labels is not None:
-        atomic_write_bytes(
-            folder / "mask.nii.gz", nifti_bytes(labels, study.affine, description="medhybrid mask", compresslevel=1)
-        )
-    for method, values in saliency.items():
-        atomic_write_bytes(
-            folder / f"saliency_{method}.nii.gz",
-            nifti_bytes(values, study.affine, description=f"medhybrid {method}", compresslevel=1, slope=1.0 / 255.0),
-        )
+    # The NIfTI files are gzipped on a thread of their own while the DICOM objects and the viewer are made
+    # here: zlib releases the GIL, and on a 512x512x300 CT the three files take seconds (docs/benchmarks.md).
+    # The thread's error, if any, is raised below as it was before (the study's outputs are not complete).
+    niftis = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="medhybrid-nifti")
+    nifti_done = niftis.submit(_write_niftis, folder, study, labels, saliency)
+    niftis.shutdown(wait=False)
+    try:
+        slices, viewer = _dicom_and_pages(folder, task, study, report, predictor, labels, saliency, options)
+    finally:
+        concurrent.futures.wait([nifti_done])  # nothing is written into the folder after this returns
+    nifti_done.result()
+    return slices, viewer
+
+
+def _dicom_and_pages(
+    folder: Path,
+    task: StudyTask,
+    study: Study,
+    report: StudyReport,
+    predictor: Predictor,
+    labels: np.ndarray | None,
+    saliency: dict[str, np.ndarray],
+    options: InferOptions,
+) -> tuple[list[dict[str, Any]], str]:
+    """The SEG and SR (if DICOM), the key slices and thumbnail, and the viewer's section of the page."""
     if task.series is not None and options.dicom_outputs:
         _write_dicom(folder, task.series, report, predictor, labels, options)
     if report.output_errors:
@@ -345,6 +362,19 @@ def _write_outputs(
         instance_numbers=[h.instance_number for h in task.series.headers] if task.series is not None else None,
     )
     return slices, viewer
+
+
+def _write_niftis(folder: Path, study: Study, labels: np.ndarray | None, saliency: dict[str, np.ndarray]) -> None:
+    """mask.nii.gz and one saliency_<method>.nii.gz per map, on the scan's grid (gzip level 1: fast)."""
+    if labels is not None:
+        atomic_write_bytes(
+            folder / "mask.nii.gz", nifti_bytes(labels, study.affine, description="medhybrid mask", compresslevel=1)
+        )
+    for method, values in saliency.items():
+        atomic_write_bytes(
+            folder / f"saliency_{method}.nii.gz",
+            nifti_bytes(values, study.affine, description=f"medhybrid {method}", compresslevel=1, slope=1.0 / 255.0),
+        )
 
 
 def _write_dicom(

@@ -106,10 +106,12 @@ def lesion_findings(labels: np.ndarray, names: Mapping[int, str], voxel_ml: floa
         box = ndimage.find_objects(where.view(np.uint8))[0]
         comps, n = ndimage.label(where[box], structure=full)
         sizes = np.bincount(comps.ravel())[1:]
+        boxes = ndimage.find_objects(comps)  # each component's own box: its voxels without a scan of the rest
         for rank, c in enumerate(np.argsort(-sizes, kind="stable")[:MAX_FINDINGS], 1):
-            voxels = np.argwhere(comps == c + 1)
+            own = boxes[c]
+            voxels = np.argwhere(comps[own] == c + 1)
             nearest = voxels[np.argmin(((voxels - voxels.mean(axis=0)) ** 2).sum(axis=1))]
-            at = tuple(int(v + s.start) for v, s in zip(nearest, box, strict=True))
+            at = tuple(int(v + o.start + s.start) for v, o, s in zip(nearest, own, box, strict=True))
             out.append(Finding(name, rank, int(n), float(sizes[c]) * voxel_ml, (at[0], at[1], at[2])))
     return out
 

@@ -80,7 +80,10 @@ class Validator:
         batch: dict[str, Any] = {}
         with autocast(self.device) if self.cfg.train.amp else contextlib.nullcontext():
             # the same windows and aggregation as inference (medhybrid/infer/windows.py)
-            out = {k: v.float() for k, v in windowed(model, image, self.window).items()}
+            out = {
+                k: v.float()
+                for k, v in windowed(model, image, self.window, overlap=self.cfg.eval.window_overlap).items()
+            }
         record: dict[str, Any] = {"index": index}
         if LABEL in sample:
             batch[LABEL] = torch.as_tensor([sample[LABEL]])

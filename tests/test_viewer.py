@@ -341,6 +341,27 @@ def test_the_page_names_no_url_and_the_report_is_kept() -> None:
     assert len(page) < 2_000_000  # 64x64x32: well under a megabyte or two
 
 
+def test_key_slices_are_full_size_with_a_legend_of_every_colour() -> None:
+    import io
+
+    from PIL import Image
+
+    from medhybrid.infer.render import MASK_COLOURS, mask_colour
+
+    study, mask = axial_ct()
+    page = page_for(study, mask, {"gradcam": saliency_for(study.spatial_shape)}).decode()
+    first = re.search(r'<figure><img src="data:image/png;base64,([^"]+)"', page)
+    assert first is not None
+    width, height = Image.open(io.BytesIO(base64.b64decode(first.group(1)))).size
+    assert max(width, height) == 512  # not the 256 px thumbnails of before
+    legend = re.search(r'<p class="muted legend">(.*?)</p>', page)
+    assert legend is not None and "lesion (label 1)" in legend.group(1) and "Saliency" in legend.group(1)
+    assert "rgb(255,64,64)" in legend.group(1)  # label 1's colour, as overlay_mask paints it
+    # every label has a colour (label 6 was painted black before: 6 % 6 is the background's index)
+    assert all(mask_colour(k).any() for k in range(1, 20))
+    assert mask_colour(len(MASK_COLOURS)).tolist() == MASK_COLOURS[1].tolist()
+
+
 # --- in a real browser ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def driver() -> Iterator[Any]:

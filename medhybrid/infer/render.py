@@ -30,7 +30,7 @@ from medhybrid.config import CT_WINDOWS
 from medhybrid.infer.scope import SPACING_FACTOR
 from medhybrid.io.study import display_affine
 
-PANEL_PX = 256
+PANEL_PX = 512  # key-slice panels: the long side in pixels (a CT slice's own 512)
 THUMB_PX = 96
 MASK_COLOURS = np.array(
     [[0, 0, 0], [255, 64, 64], [64, 200, 255], [255, 210, 0], [120, 255, 120], [255, 120, 255]], dtype=np.float32
@@ -104,6 +104,11 @@ def grey(slice_2d: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     return np.clip((slice_2d.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0) * 255.0
 
 
+def mask_colour(label: int) -> np.ndarray:
+    """RGB of mask label ``label`` >= 1: the palette's colours in turn (0, background, has none)."""
+    return MASK_COLOURS[1 + (label - 1) % (len(MASK_COLOURS) - 1)]
+
+
 def overlay_mask(base: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Grey ``(H, W)`` + labels -> RGB: each class filled at 35 % and outlined opaque."""
     from scipy import ndimage
@@ -113,7 +118,7 @@ def overlay_mask(base: np.ndarray, labels: np.ndarray) -> np.ndarray:
         if label == 0:
             continue
         where = labels == label
-        colour = MASK_COLOURS[int(label) % len(MASK_COLOURS)]
+        colour = mask_colour(int(label))
         rgb[where] = 0.65 * rgb[where] + 0.35 * colour
         edge = where & ~ndimage.binary_erosion(where)
         rgb[edge] = colour
@@ -189,6 +194,25 @@ def render_panels(
     return slices, thumb
 
 
+def _panel_legend(report: dict[str, Any]) -> str:
+    """What the key slices' colours mean: each mask label's colour and name, and the saliency colour bar."""
+    items = []
+    for entry in [*report.get("lesions", []), *report.get("structures", [])]:
+        rgb = mask_colour(int(entry["label"])).astype(int)
+        items.append(
+            f'<span class="swatch" style="background:rgb({rgb[0]},{rgb[1]},{rgb[2]})"></span>'
+            f"{_e(str(entry['name']))} (label {int(entry['label'])})"
+        )
+    stops = ",".join(
+        f"rgb({int(c[0])},{int(c[1])},{int(c[2])}) {100 * i / 8:.0f}%" for i, c in enumerate(SALIENCY_LUT[::32])
+    )
+    items.append(
+        f'Saliency <span class="bar" style="background:linear-gradient(to right,{stops})"></span>'
+        " low to high, scaled per study (0 to 1); blended over the image at up to 70 % opacity"
+    )
+    return '<p class="muted legend">Legend: ' + " &middot; ".join(items) + "</p>"
+
+
 # --- pages ---------------------------------------------------------------------------------------------
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1b1f24;background:#fff}
@@ -201,6 +225,9 @@ td,th{border:1px solid #d5d9de;padding:4px 8px;text-align:left;vertical-align:to
 .prob{font-size:32px;font-weight:700;margin-right:12px}
 .warn{color:#8a5a00} .reject{color:#b00020} .ok{color:#2e7d32}
 figure{display:inline-block;margin:0 8px 8px 0;vertical-align:top} figcaption{font-size:12px;color:#5b6570}
+figure img{max-width:min(512px,90vw);height:auto}
+.legend .swatch{display:inline-block;width:12px;height:12px;margin:0 4px -2px 0;border:1px solid #888}
+.legend .bar{display:inline-block;width:120px;height:10px;margin:0 4px -1px 4px;border:1px solid #888}
 img{image-rendering:auto;background:#000} .thumb{background:#000}
 tr.sel td{background:#e8f0fe;outline:1px solid #8ab4f8} th[data-type]{cursor:pointer} .controls{margin:8px 0}
 th[aria-sort=descending]::after{content:" \\25BC"} th[aria-sort=ascending]::after{content:" \\25B2"}
@@ -347,6 +374,8 @@ def report_html(report: dict[str, Any], slices: list[dict[str, Any]], card: dict
                 f'<figure><img src="{data_uri(png)}" alt="{_e(title)}"><figcaption>{_e(title)}</figcaption></figure>'
             )
         parts.append("</div>")
+    if slices:
+        parts.append(_panel_legend(report))
     orientation = (
         "The image as displayed (its display frame, which the model saw)."
         if report["source"]["shape"][2] == 1

@@ -31,7 +31,7 @@ from nibabel.orientations import inv_ornt_aff
 from scipy import ndimage
 
 from medhybrid.config import CT_WINDOWS
-from medhybrid.infer.render import MASK_COLOURS, SALIENCY_LUT, SALIENCY_TITLES, DisplayFrame, _e
+from medhybrid.infer.render import MASK_COLOURS, SALIENCY_LUT, SALIENCY_TITLES, DisplayFrame, _e, mask_colour
 from medhybrid.infer.viewer_data import (
     VIEWER_BUDGET,
     Embedded,
@@ -175,7 +175,8 @@ def viewer_html(
     overlays: list[dict[str, Any]] = []
     if lab is not None:
         names = {int(k): str(v) for k, v in (mask_names or {}).items()}
-        colours = [[int(c) for c in rgb] for rgb in MASK_COLOURS]
+        # one colour per uint8 label (the palette in turn, as the key slices paint it)
+        colours = [[int(c) for c in rgb] for rgb in [MASK_COLOURS[0], *(mask_colour(k) for k in range(1, 256))]]
         overlays.append({"id": "mask", "kind": "labels", "title": mask_title, "colours": colours, "names": names})
     overlays += [{"id": m, "kind": "heat", "title": SALIENCY_TITLES.get(m, m)} for m in sal]
     unit = "HU" if study.modality == "CT" else ""

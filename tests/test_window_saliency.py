@@ -53,6 +53,17 @@ def test_the_blend_is_every_windows_map_with_the_unexplained_ones_zero() -> None
     assert float(out["gradcam"][0, 0, 10, 10, 10]) > 0 and float(out["gradcam"][0, 0, 50, 40, 25]) == 0.0
     assert float(out["logits"][0, 1]) == pytest.approx(2.0)  # the study's logits: the strongest window
     assert out["seg"].shape == x.shape
+    one = explain_windows(
+        forward,
+        gradcam,
+        x[..., :16, :16, :16],
+        (16, 16, 16),
+        threshold=0.5,
+        temperature=1.0,
+        overlap=0.5,
+        sw_batch_size=4,
+    )
+    torch.testing.assert_close(one["gradcam"], gradcam(x[..., :16, :16, :16]))  # one window: explained whole
 
 
 def test_a_classifier_over_a_large_scan_has_grad_cam_on_few_windows_and_attention_on_all(tiny_run) -> None:

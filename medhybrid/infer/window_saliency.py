@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from medhybrid.infer.windows import Starts, abnormal_margin, windowed
+from medhybrid.infer.windows import Starts, abnormal_margin, fits, windowed
 
 MAX_EXPLAINED = 32  # windows given a Grad-CAM pass per study: 32 x 32^3 covers any lesion the cohort has
 
@@ -67,6 +67,8 @@ def explain_windows(
     Returns:
         ``forward``'s blended outputs (``logits`` of the strongest window) and the blended ``gradcam``.
     """
+    if fits(x, window):  # one window: it is the study's score, explained as it is
+        return {**forward(x), "gradcam": gradcam(x).float()}
     margins: dict[tuple[int, ...], float] = {}
 
     @torch.no_grad()

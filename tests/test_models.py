@@ -435,12 +435,12 @@ def test_deep_supervision_heads_the_coarser_blocks_in_training_only() -> None:
 
 def test_the_segmentation_heads_start_at_the_foreground_prior() -> None:
     """RetinaNet's prior bias: softmax of the biases alone is (1 - prior, prior), on every head."""
-    model = create_model("hybrid_tiny_3d", deep_supervision=1)
+    model = create_model("hybrid_tiny_3d", deep_supervision=1, seg_prior=0.01)
     for head in (model.decoder.head, *model.decoder.aux_heads):
         torch.testing.assert_close(torch.softmax(head.conv.bias, 0), torch.tensor([0.99, 0.01]))
     three = create_model("hybrid_tiny_3d", seg_classes=3, seg_prior=0.1)
     torch.testing.assert_close(torch.softmax(three.decoder.head.conv.bias, 0), torch.tensor([0.9, 0.05, 0.05]))
-    default_init = torch.softmax(create_model("hybrid_tiny_3d", seg_prior=None).decoder.head.conv.bias, 0)
+    default_init = torch.softmax(create_model("hybrid_tiny_3d").decoder.head.conv.bias, 0)
     assert float(default_init[1]) > 0.2  # PyTorch's init: biases near 0, about half foreground
     with pytest.raises(ModelError, match="foreground_prior must lie in"):
         create_model("hybrid_tiny_3d", seg_prior=1.0)

@@ -140,7 +140,7 @@ class SegmentationDecoder(nn.Module):
         convs_per_block: int = 2,
         full_res_channels: int = 0,
         deep_supervision: int = 0,
-        foreground_prior: float | None = 0.01,
+        foreground_prior: float | None = None,
     ) -> None:
         super().__init__()
         if len(channels) != len(skip_channels) + 1:

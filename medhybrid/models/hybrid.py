@@ -56,7 +56,9 @@ class HybridConfig:
             logits are returned as ``seg_logits_aux1``, ``seg_logits_aux2``, ... (finest first) in training
             mode only, and the loss weighs them 1/2, 1/4, ... (:class:`medhybrid.train.optim.TaskLoss`).
         seg_prior: the foreground share the segmentation heads start at (RetinaNet's prior bias, see
-            :class:`SegmentationDecoder`); ``null`` keeps PyTorch's initialisation (about even).
+            :class:`SegmentationDecoder`), for small lesions; ``None`` (default) keeps PyTorch's
+            initialisation (about even). Not a default: on large structures a 1 % start costs more than
+            it saves (the easy test cohort's out-of-fold Dice 0.84 -> 0.48 in 8 epochs).
         decoder_channels: ``token_stage + 1`` entries (see :class:`SegmentationDecoder`).
     """
 
@@ -91,7 +93,7 @@ class HybridConfig:
     decoder_convs: int = 2
     decoder_full_res: int = 0
     deep_supervision: int = 0
-    seg_prior: float | None = 0.01
+    seg_prior: float | None = None
 
     def encoder_config(self) -> ResNetConfig:
         return ResNetConfig(

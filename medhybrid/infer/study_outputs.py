@@ -314,53 +314,38 @@ def _write_outputs(
     nifti_done = niftis.submit(_write_niftis, folder, study, labels, saliency)
     niftis.shutdown(wait=False)
     try:
-        slices, viewer = _dicom_and_pages(folder, task, study, report, predictor, labels, saliency, options)
+        if task.series is not None and options.dicom_outputs:
+            _write_dicom(folder, task.series, report, predictor, labels, options)
+        if report.output_errors:
+            _warn(
+                report,
+                "output_failed",
+                "not written: "
+                + "; ".join(f"{e.output} ({e.reason})" for e in report.output_errors)
+                + ". The other outputs are complete",
+            )
+        frame = DisplayFrame(study.affine, study.spacing, two_d=study.is_2d, reorient=study.source_format != "medmnist")
+        window = window_for(study.modality, predictor.data_cfg.intensity, study.array)
+        kinds = set(predictor.mask_kinds.values())
+        mask_title = "Anatomy mask" if kinds == {"anatomy"} else "Lesion mask" if kinds == {"lesion"} else "Mask"
+        slices, thumb = render_panels(study.array, labels, saliency, frame, window, mask_title)
+        atomic_write_bytes(folder / "thumb.png", thumb)
+        from medhybrid.infer.viewer import viewer_html  # here: the viewer is only this function's concern
+
+        viewer = viewer_html(
+            study,
+            labels,
+            saliency,
+            frame,
+            window,
+            mask_names=predictor.mask_label_names,
+            finding_labels={les.label: les.name for les in report.lesions},
+            mask_title=mask_title,
+            instance_numbers=[h.instance_number for h in task.series.headers] if task.series is not None else None,
+        )
     finally:
         concurrent.futures.wait([nifti_done])  # nothing is written into the folder after this returns
     nifti_done.result()
-    return slices, viewer
-
-
-def _dicom_and_pages(
-    folder: Path,
-    task: StudyTask,
-    study: Study,
-    report: StudyReport,
-    predictor: Predictor,
-    labels: np.ndarray | None,
-    saliency: dict[str, np.ndarray],
-    options: InferOptions,
-) -> tuple[list[dict[str, Any]], str]:
-    """The SEG and SR (if DICOM), the key slices and thumbnail, and the viewer's section of the page."""
-    if task.series is not None and options.dicom_outputs:
-        _write_dicom(folder, task.series, report, predictor, labels, options)
-    if report.output_errors:
-        _warn(
-            report,
-            "output_failed",
-            "not written: "
-            + "; ".join(f"{e.output} ({e.reason})" for e in report.output_errors)
-            + ". The other outputs are complete",
-        )
-    frame = DisplayFrame(study.affine, study.spacing, two_d=study.is_2d, reorient=study.source_format != "medmnist")
-    window = window_for(study.modality, predictor.data_cfg.intensity, study.array)
-    kinds = set(predictor.mask_kinds.values())
-    mask_title = "Anatomy mask" if kinds == {"anatomy"} else "Lesion mask" if kinds == {"lesion"} else "Mask"
-    slices, thumb = render_panels(study.array, labels, saliency, frame, window, mask_title)
-    atomic_write_bytes(folder / "thumb.png", thumb)
-    from medhybrid.infer.viewer import viewer_html  # here: the viewer is only this function's concern
-
-    viewer = viewer_html(
-        study,
-        labels,
-        saliency,
-        frame,
-        window,
-        mask_names=predictor.mask_label_names,
-        finding_labels={les.label: les.name for les in report.lesions},
-        mask_title=mask_title,
-        instance_numbers=[h.instance_number for h in task.series.headers] if task.series is not None else None,
-    )
     return slices, viewer
 
 

@@ -83,6 +83,21 @@ def test_a_study_outside_the_scope_is_not_assessed(
     assert summary[0]["status"] == "not_assessed" and summary[0]["decision"] == "not_assessed"
 
 
+def test_a_study_of_several_series_none_of_the_models_modality_is_not_assessed(
+    infer_cohort: Path, tiny_run: Path, tmp_path: Path
+) -> None:
+    """Two MR series in one study for a CT model: not an ambiguous-series failure but NOT ASSESSED, saying
+    what the study holds (the TCIA brain study of ../shared/data has five)."""
+    first = one_study(infer_cohort, tmp_path / "in", 0, Modality="MR", SeriesInstanceUID="1.2.826.0.1.3680043.10.5.1")
+    first.rename(tmp_path / "in" / "first")
+    one_study(infer_cohort, tmp_path / "in", 0, Modality="MR")
+    result = run_inference(tmp_path / "in", tiny_run, tmp_path / "out")
+    assert [r["status"] for r in result.done] == ["not_assessed"] and not result.failed
+    _, report = report_of(tmp_path / "out")
+    (reason,) = report.assessment.reasons[:1]
+    assert reason.code == "modality" and "no CT series (2 MR)" in reason.message
+
+
 def _walk(items: Any) -> Any:
     for item in items:
         yield item
@@ -144,6 +159,26 @@ def test_rules_in_isolation() -> None:
     assert before_model(ct, chest) == []  # a study naming no body part is not refused on it
     tagged = Study("s", ct.array, ct.affine, "CT", Path("x"), "dicom", metadata={"BodyPartExamined": "CHEST"})
     assert before_model(tagged, chest) == []
+
+
+def test_a_sliver_of_a_scan_is_not_assessed() -> None:
+    """A 16 x 16 x 5 CT at 0.49 mm (7.8 mm across: a downsized thumbnail) against phantoms of 48 mm or more;
+    the same scan at full size (512 px, 250 mm) is assessed."""
+    scope = Scope(modalities=("CT",), spatial_dims=3, extent_min=48.0)
+    thumb = Study("s", np.zeros((16, 16, 5), np.float32), np.diag([0.49, 0.49, 2.5, 1.0]), "CT", Path("x"), "dicom")
+    (reason,) = before_model(thumb, scope)
+    assert reason.code == "field_of_view" and "7.84 mm" in reason.message and "48 mm" in reason.message
+    whole = Study("s", np.zeros((512, 512, 10), np.float32), np.diag([0.49, 0.49, 2.5, 1.0]), "CT", Path("x"), "dicom")
+    assert before_model(whole, scope) == []
+    # exactly half the smallest training side is still assessed; below it is not
+    half = Study("s", np.zeros((96, 96, 10), np.float32), np.diag([0.25, 0.25, 2.4, 1.0]), "CT", Path("x"), "dicom")
+    assert before_model(half, scope) == []
+    assert [r.code for r in before_model(half, Scope(modalities=("CT",), extent_min=48.2))] == ["field_of_view"]
+
+
+def test_the_checkpoint_records_the_smallest_training_extent(tiny_run: Path) -> None:
+    scope = scope_from_checkpoint(load_checkpoint(tiny_run / "best.pt"))
+    assert scope.extent_min is not None and scope.extent_min > 0
 
 
 def test_the_page_shows_timings_the_source_and_the_epochs_run(

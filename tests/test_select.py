@@ -11,7 +11,7 @@ from medhybrid.errors import AmbiguousSeriesError, ConfigError, NoSeriesError
 from medhybrid.io.dicom import discover_dicom
 from medhybrid.io.dicom_write import derive_uid, write_dicom_series
 from medhybrid.io.scan import load_study
-from medhybrid.io.select import SelectionRules, select_series
+from medhybrid.io.select import SelectionRules, select_for_model, select_series
 
 
 @pytest.fixture()
@@ -65,3 +65,34 @@ def test_bad_rules_are_config_errors() -> None:
         SelectionRules(min_slices=0)
     with pytest.raises(ConfigError):
         SelectionRules(description="([")
+
+
+def test_the_models_modality_decides_or_marks_the_study_out_of_scope(tmp_path: Path) -> None:
+    def series(name: str, modality: str, n: int) -> None:
+        write_dicom_series(
+            np.zeros((8, 8, n)),
+            np.diag([-1.0, -1.0, 2.0, 1.0]),
+            tmp_path / "study" / name,
+            modality=modality,
+            study_uid=derive_uid("study"),
+            series_uid=derive_uid("series", name),
+            series_description=name,
+        )
+
+    series("T1", "MR", 20)
+    series("FLAIR", "MR", 12)
+    mr_only = discover_dicom(tmp_path / "study").series
+    with pytest.raises(AmbiguousSeriesError):
+        select_series(mr_only, SelectionRules())
+    choice = select_for_model(mr_only, SelectionRules(), ("CT",))
+    assert choice.series.description == "T1"  # the largest is shown
+    assert choice.out_of_scope is not None and "2 MR" in choice.out_of_scope and "no CT series" in choice.out_of_scope
+    # a model of that modality leaves the ambiguity to the user; so does a modality rule the user set
+    with pytest.raises(AmbiguousSeriesError):
+        select_for_model(mr_only, SelectionRules(), ("MR",))
+    with pytest.raises(NoSeriesError):
+        select_for_model(mr_only, SelectionRules(modalities=("CT",)), ("CT",))
+    series("CT", "CT", 10)
+    mixed = discover_dicom(tmp_path / "study").series
+    choice = select_for_model(mixed, SelectionRules(), ("CT",))
+    assert choice.series.description == "CT" and choice.out_of_scope is None

@@ -111,7 +111,7 @@ def _run_locked(
 ) -> InferResult:
     # the output folder is marked before the input is walked, so an --out inside the input is never read
     mark_output_folder(out)
-    tasks, rejected = find_studies(input_path, options)
+    tasks, rejected = find_studies(input_path, options, predictor.scope.modalities)
     if not tasks:
         raise_no_studies(input_path, rejected)
     _clean_partials(out)
@@ -287,6 +287,10 @@ class _Pipeline:
                     item.study = load_series(task.series) if task.series is not None else read_image(task.source)
                     item.t_load = time.perf_counter() - t0
                     item.out_of_scope = before_model(item.study, self.predictor.scope)
+                    if task.out_of_scope:  # no series of the model's modality: says what the study holds
+                        item.out_of_scope = [Reason(code="modality", message=task.out_of_scope)] + [
+                            r for r in item.out_of_scope if r.code != "modality"
+                        ]
                     if not item.out_of_scope or self.options.force:  # else NOT ASSESSED: the model never runs
                         check_dims(item.study, self.predictor, task)
                         item.prepared = self.predictor.preprocess(item.study)

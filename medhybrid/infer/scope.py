@@ -17,7 +17,9 @@ The rules (docs/inference.md):
 - ``spacing``: a native voxel spacing below half the smallest or above twice the largest the model was
   trained on (per axis).
 - ``field_of_view``: the model's input covered less than :data:`MIN_COVERAGE` of the scan (the rest was
-  not looked at).
+  not looked at); or the scan is a sliver: its shortest side spans less than half the shortest side of
+  the smallest training image (``extent_min``, in mm), so the model would see mostly padding (a 4-slice
+  slab of a 512^2 CT, a downsized thumbnail).
 - ``qc_reject``: ingestion's QC rejected the series.
 """
 
@@ -48,6 +50,7 @@ class Scope:
     spacing_max: tuple[float, ...] | None = None
     intensity: str | None = None
     n_train: int | None = None
+    extent_min: float | None = None  # mm: the shortest side of the smallest training image
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +61,7 @@ class Scope:
             "spacing_max": list(self.spacing_max) if self.spacing_max else None,
             "intensity": self.intensity,
             "n_train": self.n_train,
+            "extent_min": self.extent_min,
         }
 
 
@@ -75,6 +79,7 @@ def scope_from_checkpoint(ckpt: Mapping[str, Any]) -> Scope:
         spacing_max=_floats(declared.get("spacing_max")),
         intensity=declared.get("intensity") or pre.get("intensity"),
         n_train=declared.get("n_train"),
+        extent_min=float(declared["extent_min"]) if declared.get("extent_min") else None,
     )
 
 
@@ -82,9 +87,12 @@ def _floats(values: Any) -> tuple[float, ...] | None:
     return tuple(float(v) for v in values) if values else None
 
 
-def training_scope(data_cfg: Any, spacings: Sequence[Sequence[float]]) -> dict[str, Any]:
-    """The ``scope`` a training run records: its pipeline's modality, its dimensions, and the per-axis range
-    of its training images' native spacings."""
+def training_scope(
+    data_cfg: Any, spacings: Sequence[Sequence[float]], extents: Sequence[Sequence[float]] = ()
+) -> dict[str, Any]:
+    """The ``scope`` a training run records: its pipeline's modality, its dimensions, the per-axis range of
+    its training images' native spacings, and the shortest side (mm) of the smallest of them (``extents``:
+    each image's physical size per axis)."""
     declared = [data_cfg.modality] if data_cfg.modality else []
     dims = int(data_cfg.spatial_dims)
     arr = np.array([list(s)[:dims] for s in spacings if len(s) >= dims], dtype=float) if spacings else None
@@ -96,6 +104,7 @@ def training_scope(data_cfg: Any, spacings: Sequence[Sequence[float]]) -> dict[s
         "spacing_max": arr.max(axis=0).round(6).tolist() if arr is not None and len(arr) else None,
         "intensity": data_cfg.intensity,
         "n_train": len(spacings),
+        "extent_min": round(min(min(e[:dims]) for e in extents), 3) if extents else None,
     }
 
 
@@ -147,6 +156,16 @@ def before_model(study: Study, scope: Scope) -> list[Reason]:
                     )
                 )
                 break
+    if scope.extent_min and not any(r.code == "dimensions" for r in reasons):
+        sides = [n * s for n, s in zip(study.spatial_shape, study.spacing, strict=True)][: scope.spatial_dims]
+        if min(sides) < scope.extent_min / 2:
+            reasons.append(
+                Reason(
+                    code="field_of_view",
+                    message=f"the scan spans only {min(sides):.3g} mm along its shortest side; the smallest "
+                    f"training image spans {scope.extent_min:.3g} mm (a slab or a thumbnail, not a whole scan)",
+                )
+            )
     if study.qc.verdict.value == "reject":
         reasons.append(Reason(code="qc_reject", message="ingestion's QC rejected the series"))
     return reasons
@@ -174,14 +193,16 @@ def manifest_scope(data_cfg: Any) -> dict[str, Any]:
     from medhybrid.io.study import spacing_from_affine
 
     spacings: list[tuple[float, ...]] = []
+    extents: list[tuple[float, ...]] = []
     if data_cfg.spacing is None:  # images are resized, not resampled in mm: their spacing is not a limit
         return training_scope(data_cfg, spacings)
     for row in read_manifest(Path(data_cfg.manifest)).rows:
         if row.split != data_cfg.train_split or not image_format(Path(row.image)):
             continue
         try:
-            _, affine = read_geometry(Path(row.image))
+            shape, affine = read_geometry(Path(row.image))
         except MedHybridError:
             continue
         spacings.append(tuple(spacing_from_affine(affine)))
-    return training_scope(data_cfg, spacings)
+        extents.append(tuple(n * s for n, s in zip(shape, spacings[-1], strict=False)))
+    return training_scope(data_cfg, spacings, extents)

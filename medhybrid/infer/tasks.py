@@ -15,7 +15,7 @@ from medhybrid.io.dicom_files import FileProblem, iter_files, sniff_dicom
 from medhybrid.io.geometry import IngestOptions
 from medhybrid.io.manifest import read_manifest
 from medhybrid.io.readers import image_format
-from medhybrid.io.select import SelectionRules, select_series
+from medhybrid.io.select import SelectionRules, select_for_model
 from medhybrid.io.study import study_key
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class StudyTask:
     series: DicomSeries | None = None
     manifest_id: str | None = None
     error: MedHybridError | None = None
+    out_of_scope: str | None = None  # no series of the model's modality: NOT ASSESSED (io/select.py)
 
 
 @dataclass
@@ -51,8 +52,13 @@ class InferOptions:
 
 
 # --- finding studies -------------------------------------------------------------------------------
-def find_studies(input_path: Path, options: InferOptions) -> tuple[list[StudyTask], list[FileProblem]]:
+def find_studies(
+    input_path: Path, options: InferOptions, modalities: tuple[str, ...] = ()
+) -> tuple[list[StudyTask], list[FileProblem]]:
     """Every study under ``input_path`` (a folder at any depth, one file, or a manifest ``.csv``).
+
+    ``modalities``: the model's; they choose among a DICOM study's series where the rules leave several
+    (:func:`~medhybrid.io.select.select_for_model`).
 
     Returns the tasks (a study whose series cannot be chosen carries its error) and the files that
     were rejected while reading headers.
@@ -64,13 +70,13 @@ def find_studies(input_path: Path, options: InferOptions) -> tuple[list[StudyTas
     if not input_path.exists():
         raise InputError("input not found", path=input_path, fix="give a folder of studies, a study, or a manifest")
     if input_path.is_file() and input_path.suffix.lower() == ".csv":
-        return _from_manifest(input_path, options)
+        return _from_manifest(input_path, options, modalities)
     if input_path.is_file() and image_format(input_path):
         return [_image_task(input_path)], []
     files = [input_path] if input_path.is_file() else list(iter_files(input_path))
     images = [p for p in files if image_format(p) and not _excluded(p, options.exclude)]
     dicom_files = [p for p in files if not image_format(p)]
-    tasks, problems = _dicom_tasks(input_path, dicom_files, options)
+    tasks, problems = _dicom_tasks(input_path, dicom_files, options, modalities=modalities)
     tasks += [_image_task(p) for p in images]
     return tasks, problems
 
@@ -105,7 +111,11 @@ def _image_task(path: Path, manifest_id: str | None = None) -> StudyTask:
 
 
 def _dicom_tasks(
-    root: Path, files: list[Path], options: InferOptions, manifest_id: str | None = None
+    root: Path,
+    files: list[Path],
+    options: InferOptions,
+    manifest_id: str | None = None,
+    modalities: tuple[str, ...] = (),
 ) -> tuple[list[StudyTask], list[FileProblem]]:
     found = discover_dicom(root, options.ingest, files=files)
     by_study: dict[str, list[DicomSeries]] = defaultdict(list)
@@ -115,7 +125,8 @@ def _dicom_tasks(
     for key, group in by_study.items():
         task = StudyTask(key=key, source=group[0].headers[0].path.parent, kind="dicom", manifest_id=manifest_id)
         try:
-            task.series = select_series(group, options.rules)
+            choice = select_for_model(group, options.rules, modalities)
+            task.series, task.out_of_scope = choice.series, choice.out_of_scope
             task.source = task.series.headers[0].path.parent
         except MedHybridError as exc:
             task.error = exc
@@ -123,7 +134,7 @@ def _dicom_tasks(
     return tasks, list(found.rejected)
 
 
-def _from_manifest(path: Path, options: InferOptions) -> tuple[list[StudyTask], list[FileProblem]]:
+def _from_manifest(path: Path, options: InferOptions, modalities: tuple[str, ...] = ()) -> tuple[list[StudyTask], list[FileProblem]]:
     manifest = read_manifest(path)
     tasks: list[StudyTask] = []
     problems: list[FileProblem] = []
@@ -144,7 +155,7 @@ def _from_manifest(path: Path, options: InferOptions) -> tuple[list[StudyTask], 
             )
             continue
         files = [image] if image.is_file() else list(iter_files(image))
-        found, rejected = _dicom_tasks(image, files, options, row.study_id)
+        found, rejected = _dicom_tasks(image, files, options, row.study_id, modalities)
         problems += rejected
         if len(found) != 1:
             tasks.append(

@@ -3,11 +3,17 @@
 A study often holds several series (localizers, reformats, contrast phases). medhybrid never silently
 takes the first: the rules filter the candidates, and if more than one remains (and ``largest`` is not
 set) the caller gets an :class:`~medhybrid.errors.AmbiguousSeriesError` listing them.
+
+:func:`select_for_model` adds what the model knows: among several candidates the ones of the model's
+modality decide (a CT model given a study with a CT and its MR localizers takes the CT), and a study with no
+series of that modality is not an error but a study outside the model's scope (reported NOT ASSESSED).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -98,6 +104,54 @@ def select_series(series: Sequence[DicomSeries], rules: SelectionRules | None = 
         path=candidates[0].headers[0].path.parent,
         fix="add a rule: --modality, --min-slices, --series-description REGEX or --largest",
     )
+
+
+@dataclass(frozen=True)
+class SeriesChoice:
+    """The series to load and, when none of the study's series is of the model's modality, why the study is
+    outside the model's scope (``out_of_scope``: one PHI-free line); the series is then the one shown."""
+
+    series: DicomSeries
+    out_of_scope: str | None = None
+
+
+def select_for_model(
+    series: Sequence[DicomSeries], rules: SelectionRules, modalities: Sequence[str] = ()
+) -> SeriesChoice:
+    """:func:`select_series`, then, where it fails and the user set no modality rule, the model's modalities:
+
+    - several candidates, of which exactly one is of a modality in ``modalities``: that one;
+    - no loadable candidate of those modalities: the largest candidate (most voxels, then lowest series
+      number), marked out of scope, so the study is reported NOT ASSESSED with what it holds.
+
+    Raises:
+        NoSeriesError, AmbiguousSeriesError: as :func:`select_series`, where the model's modality does not
+        decide (several series of the model's modality, or nothing loadable at all).
+    """
+    try:
+        return SeriesChoice(select_series(series, rules))
+    except (NoSeriesError, AmbiguousSeriesError):
+        wanted = tuple(m.upper() for m in modalities)
+        if rules.modalities or not wanted:
+            raise
+        candidates = [s for s in series if rules.why_not(s) is None]
+        if any(s.modality in wanted for s in candidates):
+            return SeriesChoice(select_series(series, dataclasses.replace(rules, modalities=wanted)))
+        if not candidates:
+            raise
+        shown = max(candidates, key=lambda s: (_voxels(s), -_series_number(s)))
+        held = ", ".join(f"{n} {m}" for m, n in sorted(Counter(s.modality for s in candidates).items()))
+        return SeriesChoice(
+            shown,
+            f"the study holds no {'/'.join(wanted)} series ({held}); the model was trained on {', '.join(wanted)}",
+        )
+
+
+def _series_number(series: DicomSeries) -> int:
+    try:
+        return int(series.headers[0].safe_metadata.get("SeriesNumber") or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _voxels(series: DicomSeries) -> int:

@@ -31,15 +31,17 @@ def test_a_tiny_hybrid_learns_the_easy_cohort(tmp_path: Path) -> None:
 
 
 def test_the_demo_recipe_learns_the_phantoms(tmp_path: Path) -> None:
-    """The shipped demo pipeline, unchanged but for a shorter schedule (16 of 40 epochs) on the demo's 200
-    phantoms, finds the lesions on the test split (about 100 s). The recipe before the full-resolution stem
-    and the mask evidence in the classifier stayed at Dice 0 for 300 steps (docs/benchmarks.md, demo)."""
+    """The shipped demo pipeline, unchanged but for a shorter schedule (24 of 40 epochs) on the demo's 200
+    phantoms, finds the lesions on the test split (about 160 s; measured 2026-12-07: AUROC 1.000, Dice
+    0.639). The recipe before the full-resolution stem and the mask evidence in the classifier stayed at
+    Dice 0 for 300 steps; the recipe at lr 0.003 collapsed to Dice 0 in a 16-epoch schedule (test AUROC
+    0.34); at 20 epochs lr 0.001 is still before its breakthrough (0.80 / 0.24) (docs/benchmarks.md, demo)."""
     manifest = synthesize_cohort(tmp_path / "cohort", n=200, dims=3, fmt="nifti", seed=0)
-    cfg = load_pipeline(REPO / "pipelines" / "demo.yaml", [f"data.manifest={manifest}", "train.stages.0.epochs=16"])
+    cfg = load_pipeline(REPO / "pipelines" / "demo.yaml", [f"data.manifest={manifest}", "train.stages.0.epochs=24"])
     train(cfg, tmp_path / "run")
     m = evaluate(
         tmp_path / "run", manifest, tmp_path / "eval", EvaluateOptions(split="test", n_boot=200, saliency=False)
     ).metrics
     assert m["n_failed"] == 0 and m["classification"]["n"] == 40
-    assert m["classification"]["auroc"]["value"] > 0.8, m["classification"]["auroc"]
-    assert m["segmentation"]["per_class"]["lesion"]["dice"]["value"] > 0.2, m["segmentation"]["per_class"]
+    assert m["classification"]["auroc"]["value"] > 0.9, m["classification"]["auroc"]
+    assert m["segmentation"]["per_class"]["lesion"]["dice"]["value"] > 0.4, m["segmentation"]["per_class"]

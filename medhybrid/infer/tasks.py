@@ -134,7 +134,9 @@ def _dicom_tasks(
     return tasks, list(found.rejected)
 
 
-def _from_manifest(path: Path, options: InferOptions, modalities: tuple[str, ...] = ()) -> tuple[list[StudyTask], list[FileProblem]]:
+def _from_manifest(
+    path: Path, options: InferOptions, modalities: tuple[str, ...] = ()
+) -> tuple[list[StudyTask], list[FileProblem]]:
     manifest = read_manifest(path)
     tasks: list[StudyTask] = []
     problems: list[FileProblem] = []

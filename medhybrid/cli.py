@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -358,7 +359,7 @@ def models_cmd(
     if as_json:
         stdout.print_json(json.dumps([r.to_dict() for r in rows]))
         return
-    table = Table("model", "family", "dims", "tasks", "params (M)", "input", "GFLOPs")
+    table = Table("model", "family", "dims", "tasks", "params (M)", "input", "GFLOPs", "tokens")
     table.columns[0].no_wrap = True
     for r in rows:
         table.add_row(
@@ -369,6 +370,7 @@ def models_cmd(
             f"{r.params_m:.2f}",
             "x".join(map(str, r.input_size or ())),
             f"{r.gflops:.2f}" if r.gflops is not None else "-",
+            f"{'x'.join(map(str, r.token_grid))} = {math.prod(r.token_grid)}" if r.token_grid else "-",
         )
     stdout.print(table, width=max(stdout.width, 100))
 

@@ -286,16 +286,19 @@ def test_a_bad_study_is_recorded_and_the_rest_evaluated(cohort: Path, run_dir: P
 
 def test_compare_runs_end_to_end(cohort: Path, tmp_path: Path) -> None:
     pipe = pipeline(tmp_path, cohort, task="classification")
+    raw = yaml.safe_load(pipe.read_text())
+    raw["model"]["args"] = {"norm": "group"}  # the pipeline's own arguments: the ablation keeps them
+    pipe.write_text(yaml.safe_dump(raw))
     opts = CompareOptions(
-        models=["hybrid_tiny_2d", "resnet_tiny_2d", "vit_tiny_2d", "no_context=hybrid_tiny_2d"],
+        models=["hybrid_tiny_2d", "resnet_tiny_2d", "vit_tiny_2d", "resnet_only=hybrid_tiny_2d"],
         seeds=2,
         epochs=1,
-        model_args={"vit_tiny_2d": {"patch_size": 16}, "no_context": {"context_depth": 0}},
+        model_args={"vit_tiny_2d": {"patch_size": 16}, "resnet_only": {"context": "conv"}},
         n_boot=100,
     )
     result = compare(pipe, tmp_path / "cmp", opts)
     rows = {r["model"]: r for r in result["rows"]}
-    assert list(rows) == ["hybrid_tiny_2d", "resnet_tiny_2d", "vit_tiny_2d", "no_context"]
+    assert list(rows) == ["hybrid_tiny_2d", "resnet_tiny_2d", "vit_tiny_2d", "resnet_only"]
     for r in rows.values():
         assert r["seeds"] == 2 and r["params"] > 0 and r["gflops"] > 0 and r["latency_ms"] > 0
         assert r["train_seconds"] is not None and 0 <= r["auroc"]["value"] <= 1
@@ -303,9 +306,11 @@ def test_compare_runs_end_to_end(cohort: Path, tmp_path: Path) -> None:
     assert rows["vit_tiny_2d"]["delta_vs_first"]["metric"] == "auroc"
     runs = {(r["model"], r["seed"]) for r in result["runs"]}
     assert runs == {(m, s) for m in rows for s in (5, 6)}
-    ablation = load_checkpoint(tmp_path / "cmp" / "runs" / "no_context_seed0" / "best.pt")
-    assert ablation["model_name"] == "hybrid_tiny_2d" and ablation["model_args"]["context_depth"] == 0
-    assert rows["no_context"]["params"] < rows["hybrid_tiny_2d"]["params"]
+    ablation = load_checkpoint(tmp_path / "cmp" / "runs" / "resnet_only_seed0" / "best.pt")
+    assert ablation["model_name"] == "hybrid_tiny_2d"
+    assert ablation["model_args"]["context"] == "conv" and ablation["model_args"]["norm"] == "group"
+    # an equal-FLOP convolutional bottleneck in place of the Transformer
+    assert 0.9 < rows["resnet_only"]["gflops"] / rows["hybrid_tiny_2d"]["gflops"] < 1.1
     vit = load_checkpoint(tmp_path / "cmp" / "runs" / "vit_tiny_2d_seed0" / "best.pt")
     assert vit["model_args"]["patch_size"] == 16
     table = (tmp_path / "cmp" / "compare.md").read_text()

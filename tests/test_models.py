@@ -11,11 +11,14 @@ from typer.testing import CliRunner
 
 from medhybrid.cli import app
 from medhybrid.errors import DuplicateModelError, ModelError, ModelInputError, UnknownModelError
+from medhybrid.infer.saliency import methods_for
 from medhybrid.models import FAMILIES, TASKS, create_model, get_entry, list_models, register_model
 from medhybrid.models.baselines import nnunet_plan
 from medhybrid.models.context import ContextConfig, TransformerContext
-from medhybrid.models.encoders import ResNetConfig, ResNetEncoder
+from medhybrid.models.conv_context import ConvContext
+from medhybrid.models.encoders import ResNetConfig, ResNetEncoder, plan_strides
 from medhybrid.models.heads import segmentation_evidence
+from medhybrid.models.profile import forward_gflops, summarize, token_grid
 from medhybrid.runtime import prefer_memory_format, seed_everything
 
 TINY = list_models(include_tiny=True)
@@ -414,11 +417,15 @@ def test_the_full_resolution_block_runs_at_the_input_size() -> None:
     model.decoder.full_res.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape[2:])))
     out = model(torch.randn(1, 1, 32, 24, 16))["seg_logits"]
     assert seen == [(32, 24, 16)] and out.shape == (1, 2, 32, 24, 16)
-    assert create_model("hybrid_tiny_3d").decoder.full_res is None
+    # The default: on when the stem is strided (the shallowest skip is at 1/2), off when it is not.
+    assert create_model("hybrid_tiny_3d").decoder.full_res is not None
+    assert create_model("hybrid_tiny_3d", stem_stride=1).decoder.full_res is None
+    assert create_model("hybrid_tiny_3d", decoder_full_res=0).decoder.full_res is None
 
 
 def test_deep_supervision_heads_the_coarser_blocks_in_training_only() -> None:
-    model = create_model("hybrid_tiny_3d", deep_supervision=2).train()
+    plain = {"decoder_full_res": 0, "min_token_grid": 0}  # the strides as given, no full-resolution block
+    model = create_model("hybrid_tiny_3d", deep_supervision=2, **plain).train()
     out = model(torch.randn(2, 1, 32, 32, 32))
     assert out["seg_logits"].shape == (2, 2, 32, 32, 32)
     # finest first: the head reads the stride-2 block, the aux heads the stride-4 and stride-8 ones
@@ -427,7 +434,7 @@ def test_deep_supervision_heads_the_coarser_blocks_in_training_only() -> None:
     assert "seg_logits_aux3" not in out
     assert set(model.eval()(torch.randn(1, 1, 32, 32, 32))) == {"logits", "seg_logits"}
     with pytest.raises(ModelError, match="deep_supervision must be 0..2"):
-        create_model("hybrid_tiny_3d", deep_supervision=3)
+        create_model("hybrid_tiny_3d", deep_supervision=3, **plain)
     # with the full-resolution block the stride-2 block becomes the finest aux level
     full = create_model("hybrid_tiny_3d", deep_supervision=1, decoder_full_res=4).train()
     assert full(torch.randn(1, 1, 32, 32, 32))["seg_logits_aux1"].shape == (1, 2, 16, 16, 16)
@@ -448,7 +455,9 @@ def test_the_segmentation_heads_start_at_the_foreground_prior() -> None:
 
 def test_the_classifier_reads_the_mask_evidence_detached() -> None:
     model = create_model("hybrid_tiny_3d", fuse_seg_evidence=True).eval()
-    assert model.cls_head.fc.in_features == model.cfg.context_width + 32 + 1  # CLS, pooled token map, evidence
+    assert model.cls_head.fc.in_features == model.cfg.context_width + 1  # CLS, evidence (no pooled map by default)
+    pooled = create_model("hybrid_tiny_3d", fuse_seg_evidence=True, fuse_pooled=True)
+    assert pooled.cls_head.fc.in_features == model.cfg.context_width + 32 + 1
     x = torch.randn(1, 1, 32, 32, 32)
     out = model(x)
     evidence = segmentation_evidence(out["seg_logits"])
@@ -476,3 +485,95 @@ def test_3d_models_run_channels_last_with_the_same_outputs() -> None:
         torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-4)
     flat = create_model("hybrid_tiny_2d")
     assert prefer_memory_format(flat).decoder.bridge.conv.weight.is_contiguous()
+
+
+# --- token grid planning, defaults, the ResNet-only ablation ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "size", "grid"),
+    [
+        # the shipped pipelines' inputs: hippocampus patches, AdrenalMNIST3D, PneumoniaMNIST
+        ("hybrid_r18_3d", {}, (32, 48, 32), (4, 6, 4)),
+        ("hybrid_r18_3d", {"widths": [32, 64, 128, 256]}, (28, 28, 28), (4, 4, 4)),
+        ("hybrid_r18_2d", {"stem_stride": 2, "pool_stride": 1, "widths": [32, 64, 128, 256]}, (28, 28), (7, 7)),
+        # large enough already: nothing is dropped
+        ("hybrid_r18_3d", {}, (64, 64, 64), (4, 4, 4)),
+        ("hybrid_r18_2d", {}, (128, 128), (8, 8)),
+        # per axis: only the thin axis loses a stride
+        ("hybrid_r18_3d", {}, (64, 64, 32), (4, 4, 4)),
+    ],
+)
+def test_the_token_grid_is_planned_from_the_input_size(
+    name: str, args: dict[str, object], size: tuple[int, ...], grid: tuple[int, ...]
+) -> None:
+    model = create_model(name, img_size=list(size), **args).eval()
+    assert tuple(model.forward_features(torch.zeros(1, 1, *size))[-1].shape[2:]) == grid
+    assert token_grid(model, size) == grid
+    out = model(torch.zeros(1, 1, *size))
+    assert out["seg_logits"].shape[2:] == size
+    # min_token_grid 0 keeps the strides as given: 1/16 here
+    fixed = create_model(name, img_size=list(size), min_token_grid=0, **args)
+    reduction = fixed.encoder.reductions[-1]
+    assert token_grid(fixed, size) == tuple(math.ceil(s / r) for s, r in zip(size, reduction, strict=True))
+    assert math.prod(fixed.encoder.reductions[-1]) >= math.prod(model.encoder.reductions[-1])
+
+
+def test_plan_strides_drops_the_deepest_steps_first() -> None:
+    pool, stages = plan_strides((32, 48, 32), 2, 2, (1, 2, 2), 4)
+    assert pool == (2, 2, 2) and stages == ((1, 1, 1), (2, 2, 2), (1, 1, 1))
+    pool, stages = plan_strides((8, 8), 2, 2, (1, 2, 2), 4)  # 8 px: only the stem conv's /2 is left
+    assert pool == (1, 1) and stages == ((1, 1), (1, 1), (1, 1))
+    assert plan_strides((32, 32), 2, 2, (1, 2, 2), 0) == ((2, 2), ((1, 1), (2, 2), (2, 2)))
+
+
+def test_models_lists_the_token_grid() -> None:
+    row = summarize("hybrid_r18_3d", (1, 32, 48, 32))
+    assert row.token_grid == (4, 6, 4)
+    assert summarize("resnet18_3d", (1, 32, 48, 32)).token_grid is None
+    result = CliRunner().invoke(
+        app, ["models", "--family", "hybrid", "--no-tiny", "--json", "--input-size", "1", "32", "48", "32"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.output)}
+    assert rows["hybrid_r18_3d"]["token_grid"] == [4, 6, 4]
+
+
+def test_hybrid_defaults_keep_the_transformer_on_the_only_path() -> None:
+    model = create_model("hybrid_tiny_3d")
+    assert model.cls_head.pooled_channels == 0  # no pooled-CNN shortcut around the Transformer
+    assert isinstance(model.context, TransformerContext)
+    inst = create_model("hybrid_tiny_3d", norm="instance")
+    norms = [m for m in inst.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    assert norms and all(m.affine for m in norms)  # nnU-Net's instance norm, with scale and shift
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "size"),
+    [
+        ("hybrid_r18_3d", {"num_classes": 0, "seg_classes": 3}, (32, 48, 32)),
+        ("hybrid_r18_2d", {"stem_stride": 2, "pool_stride": 1, "widths": [32, 64, 128, 256], "context_width": 192,
+                           "context_heads": 4, "context_depth": 2, "seg_classes": 0}, (28, 28)),
+    ],
+)  # fmt: skip
+def test_the_resnet_only_ablation_costs_what_the_transformer_costs(
+    name: str, args: dict[str, object], size: tuple[int, ...]
+) -> None:
+    x = torch.zeros(1, 1, *size)
+    hybrid = create_model(name, img_size=list(size), **args)
+    conv = create_model(name, img_size=list(size), context="conv", **args)
+    assert isinstance(conv.context, ConvContext) and len(conv.context.convs) == hybrid.cfg.context_depth
+    ratio = forward_gflops(conv, x) / forward_gflops(hybrid, x)
+    assert 0.9 < ratio < 1.1, ratio  # equal FLOPs (not "no bottleneck at all")
+    # the same encoder and decoder, module for module
+    for part in ("encoder", "decoder"):
+        a, b = getattr(hybrid, part), getattr(conv, part)
+        if a is not None:
+            assert [(k, v.shape) for k, v in a.state_dict().items()] == [
+                (k, v.shape) for k, v in b.state_dict().items()
+            ]
+    out = conv.eval()(x)
+    assert set(out) == set(hybrid.eval()(x))
+    assert methods_for(conv) == ("gradcam",)  # no attention to roll out
+    with pytest.raises(ModelError, match="context must be"):
+        create_model(name, context="lstm")

@@ -61,7 +61,7 @@ def tiny_pipeline(tmp: Path, manifest: Path, **changes: Any) -> Path:
         "train": {
             "batch_size": 4,
             "stages": [
-                {"name": "encoder", "epochs": 2, "lr": 0.003, "freeze": ["context"], "warmup_epochs": 1},
+                {"name": "encoder", "epochs": 2, "lr": 0.003, "warmup_epochs": 1},
                 {"name": "full", "epochs": 3, "lr": 0.001, "lr_scale": {"encoder": 0.1}},
             ],
         },
@@ -174,7 +174,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(cohort2d: Path, tmp_p
         cohort2d,
         **{
             "train.stages": [
-                {"name": "a", "epochs": 3, "lr": 0.003, "freeze": ["context"], "warmup_epochs": 1},
+                {"name": "a", "epochs": 3, "lr": 0.003, "warmup_epochs": 1},
                 {"name": "b", "epochs": 5, "lr": 0.001, "lr_scale": {"encoder": 0.1}},
             ],
             "train.batch_size": 2,
@@ -306,19 +306,34 @@ def test_augmentation_depends_on_epoch_and_index_only(cohort2d: Path) -> None:
 # --- staged fine-tuning ---------------------------------------------------------------------------
 
 
+def _tiny_weights(path: Path, seed: int, keep: str = "") -> Path:
+    """Weights of a differently seeded tiny hybrid (only the keys starting with ``keep``)."""
+    torch.manual_seed(seed)
+    donor = create_model("hybrid_tiny_2d", norm="group", num_classes=2, seg_classes=2, img_size=[64, 64])
+    torch.save({k: v for k, v in donor.state_dict().items() if k.startswith(keep)}, path)
+    return path
+
+
 def test_frozen_modules_do_not_move_and_lr_groups_scale(cohort2d: Path, tmp_path: Path) -> None:
+    weights = _tiny_weights(tmp_path / "w.pt", seed=123)
     pipe = tiny_pipeline(
-        tmp_path, cohort2d, **{"train.stages": [{"name": "enc", "epochs": 1, "lr": 0.01, "freeze": ["context"]}]}
+        tmp_path,
+        cohort2d,
+        **{
+            "train.stages": [{"name": "enc", "epochs": 1, "lr": 0.01, "freeze": ["context"]}],
+            "model.pretrained": str(weights),
+        },
     )
     cfg = load_pipeline(pipe)
-    torch.manual_seed(cfg.runtime.seed)
-    init = create_model("hybrid_tiny_2d", norm="group", num_classes=2, seg_classes=2, img_size=[64, 64])
+    init = torch.load(weights, weights_only=True)
     train(cfg, tmp_path / "run")
     after = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
-    for key, value in init.state_dict().items():
+    for key, value in init.items():
         if key.startswith("context."):
-            assert torch.equal(value, after[key]), key
-    assert any(not torch.equal(v, after[k]) for k, v in init.state_dict().items() if k.startswith("encoder."))
+            assert torch.equal(value, after[key]), key  # frozen at the pretrained values
+    assert any(not torch.equal(v, after[k]) for k, v in init.items() if k.startswith("encoder."))
+    torch.manual_seed(0)
+    init = create_model("hybrid_tiny_2d", norm="group", num_classes=2, seg_classes=2, img_size=[64, 64])
 
     stage = cfg.train.stages[0].model_copy(update={"freeze": ("decoder",), "lr_scale": {"encoder": 0.1}})
     groups = param_groups(init, stage)
@@ -330,6 +345,34 @@ def test_frozen_modules_do_not_move_and_lr_groups_scale(cohort2d: Path, tmp_path
     bad = stage.model_copy(update={"freeze": ("encodr",)})
     with pytest.raises(ConfigError, match="'encodr' matches no parameter"):
         param_groups(init, bad)
+
+
+def test_a_stage_may_freeze_only_what_was_pretrained(cohort2d: Path, tmp_path: Path) -> None:
+    stages = [{"name": "enc", "epochs": 1, "lr": 0.01, "freeze": ["context"]}]
+    # No weights at all: the frozen Transformer would be random noise forever.
+    cfg = load_pipeline(tiny_pipeline(tmp_path, cohort2d, **{"train.stages": stages}))
+    with pytest.raises(
+        ConfigError, match=r"freeze 'context' would freeze \d+ randomly initialised.*no model.pretrained"
+    ):
+        train(cfg, tmp_path / "none")
+    # Weights that hold the encoder only: freezing the context is refused, freezing the encoder is not.
+    enc = _tiny_weights(tmp_path / "enc.pt", seed=5, keep="encoder.")
+    cfg = load_pipeline(tiny_pipeline(tmp_path, cohort2d, **{"train.stages": stages, "model.pretrained": str(enc)}))
+    with pytest.raises(ConfigError, match="the pretrained weights lack them"):
+        train(cfg, tmp_path / "enc")
+    ok = [{"name": "enc", "epochs": 1, "lr": 0.01, "freeze": ["encoder"]}]
+    cfg = load_pipeline(tiny_pipeline(tmp_path, cohort2d, **{"train.stages": ok, "model.pretrained": str(enc)}))
+    train(cfg, tmp_path / "ok")
+    after = load_checkpoint(tmp_path / "ok" / "last.pt")["model"]
+    loaded = torch.load(enc, weights_only=True)
+    assert all(torch.equal(v, after[k]) for k, v in loaded.items() if not k.endswith("num_batches_tracked"))
+
+
+def test_shipped_pipelines_freeze_nothing_unpretrained() -> None:
+    for path in sorted((REPO / "pipelines").glob("*.yaml")):
+        cfg = load_pipeline(path)
+        if cfg.model.pretrained is None:
+            assert all(not s.freeze for s in cfg.train.stages), path.name
 
 
 def test_warmup_then_cosine() -> None:
@@ -574,3 +617,20 @@ def test_demo_pipeline_runs_on_a_small_cohort(tmp_path: Path) -> None:
     assert "completed: 2 epochs" in result.stdout
     ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
     assert ckpt["task"] == "multitask" and ckpt["mask_label_names"] == {0: "background", 1: "lesion"}
+
+
+def test_batch_norm_is_synced_under_ddp_on_cuda_only(caplog: pytest.LogCaptureFixture) -> None:
+    from medhybrid.train.distributed import DistInfo, sync_batch_norm
+
+    model = create_model("hybrid_tiny_3d")  # BatchNorm by default
+    keys = list(model.state_dict())
+    two = DistInfo(rank=0, world_size=2)
+    synced = sync_batch_norm(model, two, torch.device("cuda"))  # converting needs no GPU; running it would
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    assert list(synced.state_dict()) == keys  # checkpoints load either way
+    plain = create_model("hybrid_tiny_3d")
+    assert sync_batch_norm(plain, DistInfo(), torch.device("cuda")) is plain  # one process: nothing to sync
+    with caplog.at_level("WARNING"):
+        kept = sync_batch_norm(plain, two, torch.device("cpu"))
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in kept.modules())
+    assert "SyncBatchNorm needs CUDA" in caplog.text

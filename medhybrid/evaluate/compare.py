@@ -112,7 +112,7 @@ def parse_model_args(items: list[str]) -> dict[str, dict[str, Any]]:
 
 def model_spec(entry: str) -> tuple[str, str]:
     """``LABEL=NAME`` or ``NAME`` -> (label, registry name); a label lets one model appear twice with
-    different ``--model-args`` (e.g. ``resnet_only=hybrid_r18_3d`` with ``context_depth: 0``)."""
+    different ``--model-args`` (e.g. ``resnet_only=hybrid_r18_3d`` with ``context: conv``)."""
     label, sep, name = entry.partition("=")
     return (label.strip(), name.strip()) if sep else (entry.strip(), entry.strip())
 
@@ -126,10 +126,11 @@ def run_config(
     label, name = model_spec(model)
     epochs = options.epochs or sum(s.epochs for s in base.train.stages)
     lr = base.train.stages[-1].lr
-    if label == base.model.name and label not in options.model_args:
-        args = dict(base.model.args)
-    else:
-        args = options.model_args.get(label, {})
+    # The pipeline's own model keeps the pipeline's arguments, and a label for it (an ablation such as
+    # ``resnet_only=hybrid_r18_3d`` with ``{context: conv}``) changes only what its --model-args name:
+    # the same encoder and decoder, one part swapped. Other models take their --model-args alone.
+    own = dict(base.model.args) if name == base.model.name else {}
+    args = {**own, **options.model_args.get(label, {})}
     stage = {"name": "train", "epochs": epochs, "lr": lr, "warmup_epochs": min(1, epochs - 1)}
     return load_pipeline(
         pipeline,

@@ -8,6 +8,7 @@ map; thick-slice volumes need anisotropic strides and the decoder needs each sta
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -84,8 +85,49 @@ class ResNetConfig:
 
 
 def norm_spec(norm: str | tuple[str, dict[str, object]]) -> str | tuple[str, dict[str, object]]:
-    """MONAI's norm factory needs ``num_groups`` for group norm; ``"group"`` alone means 8 groups."""
-    return ("group", {"num_groups": 8}) if norm == "group" else norm
+    """MONAI's norm factory needs ``num_groups`` for group norm; ``"group"`` alone means 8 groups, and
+    ``"instance"`` alone means instance norm with learned scale and shift (nnU-Net's; MONAI's default has
+    none, so a block could not rescale its output)."""
+    if norm == "group":
+        return ("group", {"num_groups": 8})
+    if norm == "instance":
+        return ("instance", {"affine": True})
+    return norm
+
+
+def plan_strides(
+    size: Sequence[int],
+    stem_stride: Stride,
+    pool_stride: Stride,
+    stage_strides: Sequence[Stride],
+    min_grid: int,
+) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """Drop downsampling steps until the deepest map of an input of ``size`` is at least ``min_grid``
+    cells along every axis (as nnU-Net's planner stops pooling an axis once it is small).
+
+    Steps go deepest first (last stage, ..., first stage, then the stem's max-pool), per axis; the stem
+    conv's stride is kept (it sets the cost of everything after it). ``min_grid`` 0 plans nothing.
+
+    Returns:
+        ``(pool_stride, stage_strides)`` with one value per axis each.
+    """
+    dims = len(size)
+    pool = list(as_tuple(pool_stride, dims))
+    stages = [list(as_tuple(s, dims)) for s in stage_strides]
+    stem = as_tuple(stem_stride, dims)
+    for axis in range(dims):
+        # the strides along this axis, deepest first, as (list, index) so they can be set to 1
+        steps = [(st, axis) for st in reversed(stages)] + [(pool, axis)]
+
+        def grid(axis: int = axis) -> int:
+            red = stem[axis] * pool[axis] * math.prod(st[axis] for st in stages)
+            return math.ceil(size[axis] / red)
+
+        for holder, i in steps:
+            if grid() >= min_grid:
+                break
+            holder[i] = 1
+    return tuple(pool), tuple(tuple(st) for st in stages)
 
 
 class ResNetEncoder(nn.Module):

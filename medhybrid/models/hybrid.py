@@ -25,11 +25,14 @@ import torch
 from medhybrid.errors import ModelError
 from medhybrid.models.base import MedModel, as_tuple, build_config
 from medhybrid.models.context import ContextConfig, TransformerContext
-from medhybrid.models.encoders import ResNetConfig, ResNetEncoder, Stride, norm_spec
+from medhybrid.models.conv_context import ConvContext
+from medhybrid.models.encoders import ResNetConfig, ResNetEncoder, Stride, norm_spec, plan_strides
 from medhybrid.models.heads import AUX_SEG, ClassificationHead, SegmentationDecoder, segmentation_evidence
 from medhybrid.models.registry import register_model
 
 SEG_AND_CLS = ("classification", "segmentation")
+MIN_TOKEN_GRID = {2: 7, 3: 4}  # HybridConfig.min_token_grid's default per spatial dims
+FULL_RES_CHANNELS = 16  # the full-resolution decoder block's width when it is on by default (few: it runs at full size)
 
 
 @dataclass(frozen=True)
@@ -44,14 +47,25 @@ class HybridConfig:
         img_size: the input size the positional embeddings are stored for (other sizes are resized).
         num_classes: classification outputs (0: no classification head).
         seg_classes: segmentation channels (0: no decoder).
-        fuse_pooled: concatenate the pooled token-stage CNN map to the CLS token before the classifier (a
-            path around the Transformer: ablate it explicitly).
+        fuse_pooled: concatenate the pooled token-stage CNN map to the CLS token before the classifier. Off
+            by default: it is a path around the Transformer, so with it an ablation of the context head
+            (and attention rollout) measures less than it claims; turn it on as an explicit choice.
         fuse_seg_evidence: concatenate the segmentation evidence (the log-odds of the most lesion-like
             voxel of each foreground class, :func:`~medhybrid.models.heads.segmentation_evidence`) to the
             CLS token before the classifier; needs ``seg_classes``. For small lesions the mask sees what
             one CLS token over a coarse grid misses (docs/benchmarks.md, demo).
         decoder_full_res: channels of a last decoder block at the input's resolution (TransUNet's fourth
             block, no skip); 0: the logits are interpolated from the shallowest skip's resolution.
+            ``None`` (default): :data:`FULL_RES_CHANNELS` when the stem conv is strided (the shallowest skip
+            is then at half resolution), else 0 (the stem's skip already is at full resolution).
+        min_token_grid: the token grid's smallest side for an input of ``img_size``: downsampling steps are
+            dropped, deepest first, until every axis has at least this many tokens
+            (:func:`~medhybrid.models.encoders.plan_strides`), so a small input still gets a grid worth
+            attending over (a 32 x 48 x 32 patch at 1/16 would give 2 x 3 x 2 = 12 tokens). ``None``
+            (default): 4 in 3D, 7 in 2D (ViT's 7 x 7 at 224 px); 0: the strides as given.
+        context: ``"transformer"`` (the hybrid) or ``"conv"``: the ResNet-only ablation, the same encoder
+            and decoder with an equal-FLOP stack of convolutional bottleneck blocks in place of the
+            Transformer (:class:`~medhybrid.models.conv_context.ConvContext`).
         deep_supervision: coarser decoder blocks with their own head in training (nnU-Net style); their
             logits are returned as ``seg_logits_aux1``, ``seg_logits_aux2``, ... (finest first) in training
             mode only, and the loss weighs them 1/2, 1/4, ... (:class:`medhybrid.train.optim.TaskLoss`).
@@ -86,16 +100,39 @@ class HybridConfig:
     attn_dropout: float = 0.0
     drop_path: float = 0.0
     # heads
-    fuse_pooled: bool = True
+    fuse_pooled: bool = False
     fuse_seg_evidence: bool = False
     head_dropout: float = 0.0
     decoder_channels: tuple[int, ...] = (256, 128, 64, 16)
     decoder_convs: int = 2
-    decoder_full_res: int = 0
+    decoder_full_res: int | None = None
+    min_token_grid: int | None = None
+    context: Literal["transformer", "conv"] = "transformer"
     deep_supervision: int = 0
     seg_prior: float | None = None
 
+    def planned_strides(self) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+        """``(pool_stride, stage_strides)`` after :attr:`min_token_grid` planning for ``img_size``."""
+        dims = self.spatial_dims
+        grid = self.min_token_grid if self.min_token_grid is not None else MIN_TOKEN_GRID[dims]
+        stages = tuple(self.stage_strides)[: self.token_stage]
+        if len(stages) < self.token_stage:
+            raise ModelError(f"stage_strides needs {self.token_stage} entries (token_stage), got {len(stages)}")
+        size = as_tuple(self.img_size, dims)
+        small = self.stem == "small"  # stride 1 throughout: its stem_stride / pool_stride are unused
+        pool, planned = plan_strides(
+            size, 1 if small else self.stem_stride, 1 if small else self.pool_stride, stages, grid
+        )
+        return pool, planned
+
+    def full_res_channels(self) -> int:
+        if self.decoder_full_res is not None:
+            return self.decoder_full_res
+        strided = self.stem == "standard" and any(s > 1 for s in as_tuple(self.stem_stride, self.spatial_dims))
+        return FULL_RES_CHANNELS if strided else 0
+
     def encoder_config(self) -> ResNetConfig:
+        pool, stages = self.planned_strides()
         return ResNetConfig(
             depth=self.depth,
             spatial_dims=self.spatial_dims,
@@ -105,8 +142,8 @@ class HybridConfig:
             stem=self.stem,
             stem_channels=self.stem_channels,
             stem_stride=self.stem_stride,
-            pool_stride=self.pool_stride,
-            stage_strides=tuple(self.stage_strides),
+            pool_stride=self.pool_stride if self.stem == "small" else pool,
+            stage_strides=stages,
             norm=self.norm,
         )
 
@@ -150,9 +187,15 @@ class HybridModel(MedModel):
         self.cfg = cfg
         self.encoder = ResNetEncoder(cfg.encoder_config())
         token_channels = self.encoder.out_channels[-1]
-        self.context = TransformerContext(
-            token_channels, cfg.spatial_dims, cfg.context_config(self.encoder.reductions[-1])
-        )
+        context_cfg = cfg.context_config(self.encoder.reductions[-1])
+        self.context: TransformerContext | ConvContext
+        if cfg.context == "conv":
+            tokens = math.prod(context_cfg.pos_grid)
+            self.context = ConvContext(token_channels, cfg.spatial_dims, context_cfg, tokens, cfg.norm)
+        elif cfg.context == "transformer":
+            self.context = TransformerContext(token_channels, cfg.spatial_dims, context_cfg)
+        else:
+            raise ModelError(f"context must be 'transformer' or 'conv', got {cfg.context!r}")
         self.cls_head = (
             ClassificationHead(
                 cfg.context_width,
@@ -173,7 +216,7 @@ class HybridModel(MedModel):
                 seg_classes=cfg.seg_classes,
                 norm=norm_spec(cfg.norm),
                 convs_per_block=cfg.decoder_convs,
-                full_res_channels=cfg.decoder_full_res,
+                full_res_channels=cfg.full_res_channels(),
                 deep_supervision=cfg.deep_supervision,
                 foreground_prior=cfg.seg_prior,
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -25,6 +26,7 @@ class ModelSummary:
     gflops: float | None
     input_size: tuple[int, ...] | None
     description: str
+    token_grid: tuple[int, ...] | None = None  # a hybrid's Transformer grid for ``input_size``
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -71,8 +73,8 @@ def summarize(name: str, input_size: Sequence[int] | None = None, batch: int = 1
     kwargs: dict[str, object] = {}
     if fits:
         kwargs["in_channels"] = size[0]
-        if entry.fixed_size:
-            kwargs["img_size"] = size[1:]
+        if entry.fixed_size or entry.family == "hybrid":
+            kwargs["img_size"] = size[1:]  # a hybrid plans its strides (its token grid) for this size
     model = create_model(name, **kwargs)
     gflops = forward_gflops(model, torch.zeros(batch, *size)) if fits else None
     return ModelSummary(
@@ -84,4 +86,13 @@ def summarize(name: str, input_size: Sequence[int] | None = None, batch: int = 1
         gflops=gflops,
         input_size=size if fits else None,
         description=entry.description,
+        token_grid=token_grid(model, size[1:]) if fits else None,
     )
+
+
+def token_grid(model: torch.nn.Module, spatial: Sequence[int]) -> tuple[int, ...] | None:
+    """The token grid a hybrid's context head sees for an input of ``spatial`` (None for other models)."""
+    reductions = getattr(getattr(model, "encoder", None), "reductions", None)
+    if getattr(model, "context", None) is None or not reductions:
+        return None
+    return tuple(math.ceil(s / r) for s, r in zip(spatial, reductions[-1], strict=True))

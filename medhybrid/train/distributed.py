@@ -6,12 +6,16 @@ without them training runs as a single process. CPU ranks talk over gloo, CUDA r
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,3 +82,21 @@ def broadcast_object(info: DistInfo, obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def sync_batch_norm(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """Under DDP, BatchNorm layers become ``SyncBatchNorm``: their statistics are taken over the global
+    batch, not each rank's few samples (a 3D batch of 2 per rank gives noisy statistics that differ from
+    what one process with the whole batch would see). Parameter and buffer names do not change, so
+    checkpoints load either way. PyTorch syncs on CUDA only: on CPU ranks the layers stay per-rank and a
+    warning says so (group or instance norm, ``model.args.norm``, has no such dependence on the batch).
+    """
+    if not info.enabled or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    if device.type != "cuda":
+        logger.warning(
+            "DDP on CPU: BatchNorm statistics stay per rank (SyncBatchNorm needs CUDA); "
+            "set model.args.norm: instance or group for batch-independent normalisation"
+        )
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)

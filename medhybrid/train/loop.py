@@ -51,7 +51,14 @@ from medhybrid.train.checkpoint import (
 )
 from medhybrid.train.data import TaskData, build_loaders, class_weights, load_task_data, mix_seed
 from medhybrid.train.evaluate import Validator, is_better
-from medhybrid.train.optim import TaskLoss, make_optimizer, make_scheduler, mark_untrainable, param_groups
+from medhybrid.train.optim import (
+    TaskLoss,
+    check_frozen_are_pretrained,
+    make_optimizer,
+    make_scheduler,
+    mark_untrainable,
+    param_groups,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -177,12 +184,19 @@ class Trainer:
         task = load_task_data(cfg)
         self.task = task
         self.model_args = model_args(cfg, task)
-        model = prefer_memory_format(build_model(cfg.model.name, self.model_args).to(self.device))
+        model = build_model(cfg.model.name, self.model_args)
+        model = prefer_memory_format(dist_utils.sync_batch_norm(model, info, self.device).to(self.device))
         mark_untrainable(model)
-        if cfg.model.pretrained is not None and start is None:
+        pretrained: set[str] = set()
+        if cfg.model.pretrained is not None:
+            # Loaded on resume too: which parameters came from the weights decides what a stage may freeze
+            # (the resumed state then replaces every value).
             report = load_pretrained(model, cfg.model.pretrained)
-            logger.warning("pretrained %s: %s", cfg.model.pretrained, report.summary())
+            pretrained = set(report.loaded)
+            if start is None:
+                logger.warning("pretrained %s: %s", cfg.model.pretrained, report.summary())
             self.pretrained_report = report.summary()
+        check_frozen_are_pretrained(model, cfg.train.stages, pretrained)
         loader, train_set, val_items, val_tf = build_loaders(cfg, task, rank=info.rank, world_size=info.world_size)
         weights = None
         if cfg.train.class_balance == "weighted_loss" and cfg.data.task != "segmentation":

@@ -34,6 +34,34 @@ def check_prefixes(model: nn.Module, stage: StageConfig) -> None:
             )
 
 
+def check_frozen_are_pretrained(model: nn.Module, stages: tuple[StageConfig, ...], pretrained: set[str]) -> None:
+    """A stage may freeze only parameters that were loaded from pretrained weights.
+
+    Freezing a randomly initialised module (a Transformer no checkpoint filled) trains the rest of the
+    network around noise that never learns; staged fine-tuning means something only for loaded weights.
+
+    Args:
+        pretrained: names of the parameters loaded from ``model.pretrained`` (empty without weights).
+
+    Raises:
+        ConfigError: a ``freeze`` prefix covers parameters that were not loaded, naming them and the fix.
+    """
+    names = [n for n, p in model.named_parameters() if not getattr(p, "_medhybrid_always_frozen", False)]
+    for stage in stages:
+        check_prefixes(model, stage)  # a typo gets its own message first
+        for prefix in stage.freeze:
+            random = [n for n in names if _matches(n, prefix) and n not in pretrained]
+            if random:
+                source = (
+                    "no model.pretrained weights are given" if not pretrained else "the pretrained weights lack them"
+                )
+                raise ConfigError(
+                    f"train.stages ({stage.name}): freeze {prefix!r} would freeze {len(random)} randomly "
+                    f"initialised parameters ({random[0]}, ...): {source}",
+                    fix="train them jointly (drop the freeze) or give model.pretrained weights that contain them",
+                )
+
+
 def param_groups(model: nn.Module, stage: StageConfig) -> list[dict[str, Any]]:
     """Freeze the stage's prefixes (``requires_grad=False``) and group the rest by learning-rate scale.
 

@@ -579,6 +579,14 @@ def evaluate_cmd(
     ] = False,
     nsd_tolerance: Annotated[float, typer.Option(help="NSD tolerance in mm.")] = 1.0,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N studies of each split.")] = None,
+    shift_suite: Annotated[
+        bool,
+        typer.Option(
+            "--shift-suite",
+            help="Also evaluate under each acquisition shift (contrast, gamma, blur, noise, resolution; "
+            "docs/evaluation.md) and report the AUROC drop with paired CIs (OUT/shift/shift.json).",
+        ),
+    ] = False,
 ) -> None:
     """Metrics with 95 % CIs (AUROC, rates at the operating point, ECE, Dice/HD95/NSD), saliency faithfulness,
     temperature scaling stored in the checkpoint; predictions.csv, metrics.json and report.html."""
@@ -635,6 +643,17 @@ def evaluate_cmd(
     if (m.get("splits") or {}).get("warning"):
         lines.append(f"warning: {m['splits']['warning']}")
     lines.append(f"report: {(Path(out) / 'report.html').resolve()}")
+    if shift_suite:
+        from medhybrid.evaluate.shift import run_shift_suite
+
+        with progress_bar("acquisition shifts", None) as advance:
+            suite = run_shift_suite(model, manifest, Path(out) / "shift", options, on_study=lambda r: advance(1))
+        for name, r in suite["shifts"].items():
+            lines.append(
+                f"shift {name}: AUROC {r['auroc']:.4f}, drop {r['drop']:+.4f} "
+                f"(95 % CI {r['drop_ci_low']:+.4f} to {r['drop_ci_high']:+.4f})"
+            )
+        lines.append(f"largest AUROC drop under shift: {suite['max_drop']:+.4f} (clean {suite['clean']['auroc']:.4f})")
     for line in lines:
         stdout.print(line, highlight=False, soft_wrap=True)
     if m["n_failed"] == m["n_studies"]:

@@ -59,6 +59,7 @@ from medhybrid.evaluate.segmentation import (
     score_against_reference,
     segmentation_summary,
 )
+from medhybrid.evaluate.shift import shift_study
 from medhybrid.evaluate.study_score import reference_abnormal
 from medhybrid.infer.predictor import Predictor
 from medhybrid.infer.resample import lift_affine
@@ -97,6 +98,7 @@ class EvaluateOptions:
     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM
     limit: int | None = None
     report: bool = True
+    shift: str | None = None  # an acquisition shift applied to the evaluated split (medhybrid.evaluate.shift)
 
 
 @dataclass
@@ -172,6 +174,8 @@ class _Evaluator:
         t0 = time.perf_counter()
         try:
             study = load_study(row.image)
+            if self.o.shift is not None and row.split == self.o.split:  # the calibration split stays clean
+                study = shift_study(study, self.o.shift, self.o.seed)
             prepared = self.p.preprocess(study)
             pred = self.p.run(prepared, explain=explain)
             rec.logits, rec.score = pred.logits, pred.probability

@@ -634,3 +634,30 @@ def test_batch_norm_is_synced_under_ddp_on_cuda_only(caplog: pytest.LogCaptureFi
         kept = sync_batch_norm(plain, two, torch.device("cpu"))
     assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in kept.modules())
     assert "SyncBatchNorm needs CUDA" in caplog.text
+
+
+def test_a_format_1_hybrid_checkpoint_rebuilds_as_it_was_trained(cohort2d: Path, tmp_path: Path) -> None:
+    """Checkpoints written before the hybrid's defaults changed record none of the new options; loading
+    fills in the values their networks were built with (checkpoint.LEGACY_HYBRID_ARGS)."""
+    from medhybrid.infer.loading import load_member
+    from medhybrid.train.checkpoint import DIGEST_KEY, FORMAT, LEGACY_HYBRID_ARGS
+
+    legacy = LEGACY_HYBRID_ARGS[1]
+    stages = [{"name": "a", "epochs": 1, "lr": 0.003}]
+    pipe = tiny_pipeline(tmp_path, cohort2d, **{"train.stages": stages, "model.args": {"norm": "group", **legacy}})
+    train(load_pipeline(pipe), tmp_path / "run")
+    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    ckpt["model_args"] = {k: v for k, v in ckpt["model_args"].items() if k not in legacy}
+    x = torch.randn(1, 1, 64, 64)
+    for version, loads in ((1, True), (2, False)):
+        path = tmp_path / f"v{version}.pt"
+        torch.save({**ckpt, "format": FORMAT, "format_version": version, DIGEST_KEY: ckpt[DIGEST_KEY]}, path)
+        if not loads:  # the same file claiming the new format: built with the new defaults, the weights do not fit
+            with pytest.raises(CheckpointError, match="cannot rebuild the model"):
+                load_member(path, torch.device("cpu"), ())
+            continue
+        member = load_member(path, torch.device("cpu"), ())
+        assert {k: member.model.cfg.__dict__[k] for k in legacy} == legacy
+        original = load_member(tmp_path / "run" / "best.pt", torch.device("cpu"), ())
+        with torch.no_grad():
+            torch.testing.assert_close(member.model(x)["logits"], original.model(x)["logits"])

@@ -51,7 +51,12 @@ from medhybrid.train.records import json_safe
 logger = logging.getLogger(__name__)
 
 FORMAT = "medhybrid-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Hybrid defaults that changed with format 2 (issue 16): a checkpoint written before records none of them,
+# and its network was built with these values. Filled in on load, so that old checkpoints rebuild as trained.
+LEGACY_HYBRID_ARGS: dict[int, dict[str, Any]] = {
+    1: {"min_token_grid": 0, "decoder_full_res": 0, "fuse_pooled": True},
+}
 DIGEST_KEY = "weights_sha256"  # weights_digest(model), recorded by save_checkpoint
 VERSIONED = ("medhybrid", "torch", "monai", "numpy", "pydicom", "nibabel", "SimpleITK", "scikit-learn")
 
@@ -325,7 +330,28 @@ def load_checkpoint(
             medhybrid checkpoint, a missing or mistyped field, or weights that differ from their digest.
     """
     path = Path(path)
-    return check_checkpoint(_torch_load(path, map_location), path, require)
+    return upgrade_model_args(check_checkpoint(_torch_load(path, map_location), path, require))
+
+
+def upgrade_model_args(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Fill in the model arguments whose defaults changed after the checkpoint's format version
+    (:data:`LEGACY_HYBRID_ARGS`), for hybrids; arguments the checkpoint records are kept."""
+    from medhybrid.errors import ModelError
+    from medhybrid.models.registry import get_entry
+
+    version = int(ckpt.get("format_version", 0))
+    if "model_args" not in ckpt or version >= FORMAT_VERSION:
+        return ckpt
+    try:
+        hybrid = get_entry(str(ckpt.get("model_name"))).family == "hybrid"
+    except ModelError:  # an unknown model: rebuilding it reports that
+        return ckpt
+    if hybrid:
+        legacy: dict[str, Any] = {}
+        for v in range(max(version, 1), FORMAT_VERSION):
+            legacy.update(LEGACY_HYBRID_ARGS.get(v, {}))
+        ckpt["model_args"] = {**legacy, **ckpt["model_args"]}
+    return ckpt
 
 
 def _torch_load(path: Path, map_location: str | torch.device) -> Any:

@@ -41,7 +41,14 @@ class AugmentConfig(Strict):
     intensity_scale: float = Field(0.0, ge=0, lt=1, description="max multiplicative intensity change, +/-")
     intensity_shift: float = Field(0.0, ge=0, lt=1, description="max additive intensity change, +/-")
     noise_std: float = Field(0.0, ge=0, description="std of added Gaussian noise (after normalisation)")
-    intensity_prob: float = Field(0.0, ge=0, le=1, description="probability of each intensity change")
+    gamma: float = Field(0.0, ge=0, lt=1, description="max gamma change, +/-: gamma from [1 - g, 1 + g] (tone curve)")
+    blur_sigma: float = Field(0.0, ge=0, description="max Gaussian blur sigma in voxels (drawn from [0.25, max])")
+    lowres_zoom: float = Field(
+        0.0, ge=0, lt=1, description="simulated low-resolution acquisition: down to a zoom in [this, 1] and back up"
+    )
+    intensity_prob: float = Field(
+        0.0, ge=0, le=1, description="probability of each intensity / acquisition change (scale ... lowres_zoom)"
+    )
 
 
 class DataConfig(Strict):

@@ -92,3 +92,21 @@ def test_two_d_pipeline_refuses_volumes(cohort: Path) -> None:
     cfg = DataConfig(manifest=cohort, spatial_dims=2, orientation=None, spatial_size=(32, 32))
     with pytest.raises(InputError, match="2D pipeline got a volume"):
         apply(build_transforms(cfg, "infer"), {"image": _item(cohort)["image"]})
+
+
+def test_acquisition_augmentations_change_the_image_as_configured(cohort: Path) -> None:
+    """gamma, blur and simulated low resolution (nnU-Net's acquisition changes), each seedable."""
+    base = {"flip_prob": 0.0, "intensity_prob": 1.0}
+    plain = DataConfig(manifest=cohort, spatial_size=(64, 64, 32), augment=base)
+    x = build_transforms(plain, "train")(_item(cohort))["image"]
+    for extra, smoother in (({"gamma": 0.4}, False), ({"blur_sigma": 1.5}, True), ({"lowres_zoom": 0.3}, True)):
+        cfg = DataConfig(manifest=cohort, spatial_size=(64, 64, 32), augment={**base, **extra})
+        a, b = build_transforms(cfg, "train"), build_transforms(cfg, "train")
+        a.set_random_state(seed=3)
+        b.set_random_state(seed=3)
+        y = a(_item(cohort))["image"]
+        assert torch.equal(y, b(_item(cohort))["image"]), extra
+        assert y.shape == x.shape and not torch.allclose(y, x), extra
+        if smoother:  # less voxel-to-voxel variation than the clean image
+            assert y.diff(dim=1).abs().mean() < 0.9 * x.diff(dim=1).abs().mean(), extra
+        assert not torch.equal(y, build_transforms(cfg, "val")(_item(cohort))["image"])  # train only

@@ -29,12 +29,15 @@ from monai.transforms import (
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
+    RandAdjustContrastd,
     RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
+    RandGaussianSmoothd,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    RandSimulateLowResolutiond,
     ResizeWithPadOrCropd,
     ScaleIntensityd,
     ScaleIntensityRanged,
@@ -165,6 +168,15 @@ def augment_transforms(cfg: DataConfig, keys: Sequence[str]) -> list[Any]:
             out.append(RandShiftIntensityd(IMAGE, offsets=a.intensity_shift, prob=a.intensity_prob))
         if a.noise_std > 0:
             out.append(RandGaussianNoised(IMAGE, std=a.noise_std, prob=a.intensity_prob))
+        # acquisition changes, as nnU-Net's augmentation has them: tone curve, softer kernel, lower resolution
+        if a.gamma > 0:
+            out.append(RandAdjustContrastd(IMAGE, gamma=(1.0 - a.gamma, 1.0 + a.gamma), prob=a.intensity_prob))
+        if a.blur_sigma > 0:
+            sigma = (min(0.25, a.blur_sigma), a.blur_sigma)
+            # (sigma_z is unused on 2D images)
+            out.append(RandGaussianSmoothd(IMAGE, sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=a.intensity_prob))
+        if a.lowres_zoom > 0:
+            out.append(RandSimulateLowResolutiond(IMAGE, prob=a.intensity_prob, zoom_range=(a.lowres_zoom, 1.0)))
     return out
 
 

@@ -110,3 +110,13 @@ def test_acquisition_augmentations_change_the_image_as_configured(cohort: Path) 
         if smoother:  # less voxel-to-voxel variation than the clean image
             assert y.diff(dim=1).abs().mean() < 0.9 * x.diff(dim=1).abs().mean(), extra
         assert not torch.equal(y, build_transforms(cfg, "val")(_item(cohort))["image"])  # train only
+
+
+def test_acquisition_augmentations_run_on_2d_images(tmp_path: Path) -> None:
+    cohort = synthesize_cohort(tmp_path, n=4, dims=2, fmt="nifti", seed=2)
+    aug = {"flip_prob": 0.0, "intensity_prob": 1.0, "gamma": 0.3, "blur_sigma": 1.0, "lowres_zoom": 0.5}
+    cfg = DataConfig(manifest=cohort, spatial_dims=2, spatial_size=(64, 64), augment=aug)
+    t = build_transforms(cfg, "train")
+    t.set_random_state(seed=0)
+    out = t(_item(cohort))["image"]
+    assert out.shape == (1, 64, 64) and torch.isfinite(out).all()

@@ -176,7 +176,12 @@ def augment_transforms(cfg: DataConfig, keys: Sequence[str]) -> list[Any]:
             # (sigma_z is unused on 2D images)
             out.append(RandGaussianSmoothd(IMAGE, sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=a.intensity_prob))
         if a.lowres_zoom > 0:
-            out.append(RandSimulateLowResolutiond(IMAGE, prob=a.intensity_prob, zoom_range=(a.lowres_zoom, 1.0)))
+            up = "trilinear" if cfg.spatial_dims == 3 else "bilinear"  # MONAI's default is 3D only
+            out.append(
+                RandSimulateLowResolutiond(
+                    IMAGE, prob=a.intensity_prob, zoom_range=(a.lowres_zoom, 1.0), upsample_mode=up
+                )
+            )
     return out
 
 

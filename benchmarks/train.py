@@ -72,6 +72,11 @@ def run(pipeline: str, out: Path, overrides: list[str], folds: int, fresh: bool)
         "metrics": {k: cv.metrics.get(k) for k in ("classification", "segmentation", "per_fold", "n_studies")},
         "fold0_history": histories[0],
         "train_minutes": round(sum(h[-1]["elapsed_seconds"] for h in histories if h) / 60, 2),
+        # the budget each fold had: the pipeline's epochs, and the minutes its training took
+        "budget": {
+            "epochs": sum(st.epochs for st in cfg.train.stages),
+            "minutes_per_fold": round(sum(h[-1]["elapsed_seconds"] for h in histories if h) / 60 / folds, 2),
+        },
         "wall_minutes": round((time.perf_counter() - t0) / 60, 2),
         "run_dir": str(run_dir),
     }
@@ -111,12 +116,15 @@ def main() -> int:
         out["resnet18_minutes_to_097"] = round(tr / 60, 3) if tr is not None else None
         out["time_ratio_vs_resnet18"] = round(th / tr, 3) if th is not None and tr else None
         out["pneumonia_train_minutes"], out["resnet18_train_minutes"] = hybrid["train_minutes"], resnet["train_minutes"]
+        calibration = hybrid["metrics"]["classification"].get("calibration") or {}
+        out["pneumonia_oof_ece"] = (calibration.get("after") or {}).get("ece")
+        out["pneumonia_budget"], out["resnet18_budget"] = hybrid["budget"], resnet["budget"]
         details["pneumonia_hybrid"], details["pneumonia_resnet18"] = hybrid, resnet
     if "adrenal" in args.only:
         adrenal = run("adrenal_3d.yaml", args.out, args.overrides, args.folds, args.fresh)
         out["adrenal_oof_auroc"] = ci(adrenal["metrics"]["classification"]["auroc"])
         out["adrenal_auroc_per_fold"] = adrenal["metrics"]["classification"]["auroc_per_fold"]
-        out["adrenal_train_minutes"] = adrenal["train_minutes"]
+        out["adrenal_train_minutes"], out["adrenal_budget"] = adrenal["train_minutes"], adrenal["budget"]
         details["adrenal"] = adrenal
     if "hippocampus" in args.only:
         hippo = run("hippocampus_seg.yaml", args.out, args.overrides, args.folds, args.fresh)
@@ -124,7 +132,7 @@ def main() -> int:
         out["hippocampus_oof_dice"] = ci(seg["mean"]["dice"])
         out["hippocampus_oof_dice_per_class"] = {k: ci(v["dice"]) for k, v in seg["per_class"].items()}
         out["hippocampus_oof_hd95_mm"] = ci(seg["mean"]["hd95"])
-        out["hippocampus_train_minutes"] = hippo["train_minutes"]
+        out["hippocampus_train_minutes"], out["hippocampus_budget"] = hippo["train_minutes"], hippo["budget"]
         details["hippocampus"] = hippo
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "train_benchmark.json"

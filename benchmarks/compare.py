@@ -5,8 +5,9 @@ On every shipped data set: the hybrid as shipped; ``before`` = the hybrid as it 
 ResNet-only = the same encoder and decoder with an equal-FLOP convolutional bottleneck in place of the
 Transformer (``context: conv``); a Transformer-only model; the strongest MONAI peers.
 
-1. PneumoniaMNIST (``pipelines/pneumonia_2d.yaml``), 2 seeds x 8 epochs: + MONAI ResNet-18, and MONAI's
-   ViT with 4x4 patches (49 tokens), width 192, 4 blocks (about the hybrid's parameter count).
+1. PneumoniaMNIST (``pipelines/pneumonia_2d.yaml``), 1 seed x 8 epochs: + ``pooled`` (the hybrid with the
+   pooled-CNN shortcut on: the explicit ablation of ``fuse_pooled``), MONAI ResNet-18, and MONAI's ViT
+   with 4x4 patches (49 tokens), width 192, 4 blocks (about the hybrid's parameter count).
 2. AdrenalMNIST3D (``pipelines/adrenal_3d.yaml``), 1 seed x 16 epochs: + MONAI ResNet-18 (3D).
 3. MSD Hippocampus (``pipelines/hippocampus_seg.yaml``), 1 seed x ``HIPPOCAMPUS_EPOCHS`` epochs: + the
    hybrid with instance norm, and MONAI BasicUNet. UNETR and SwinUNETR are left out for time on 2 cores
@@ -43,8 +44,10 @@ def commands(out: Path) -> dict[str, list[str]]:
     return {
         "pneumonia": [
             "compare", "pipelines/pneumonia_2d.yaml",
-            "--models", "hybrid_r18_2d,before=hybrid_r18_2d,resnet_only=hybrid_r18_2d,monai_resnet18_2d,vit_tiny_2d",
-            "--seeds", "2", "--model-args", BEFORE, "--model-args", RESNET_ONLY, "--model-args", VIT_SMALL,
+            "--models",
+            "hybrid_r18_2d,before=hybrid_r18_2d,pooled=hybrid_r18_2d,resnet_only=hybrid_r18_2d,monai_resnet18_2d,vit_tiny_2d",
+            "--seeds", "1", "--model-args", BEFORE, "--model-args", "pooled={fuse_pooled: true}",
+            "--model-args", RESNET_ONLY, "--model-args", VIT_SMALL,
             "--bootstrap", "1000", "--out", str(out / "compare_pneumonia"),
         ],
         "adrenal": [

@@ -58,12 +58,19 @@ def _seed(key: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little")
 
 
+def check_shift(name: str) -> None:
+    """Raises: ConfigError: ``name`` is not one of :data:`SHIFTS`."""
+    if name not in SHIFTS:
+        raise ConfigError(f"unknown acquisition shift {name!r}", fix=f"use one of {', '.join(SHIFTS)}")
+
+
 def shift_array(array: np.ndarray, name: str, *, key: str = "", seed: int = 0) -> np.ndarray:
     """``array`` (a study's ``(I, J, K[, C])`` voxels) under shift ``name`` (see the module docstring).
 
     Raises:
         ConfigError: an unknown shift name.
     """
+    check_shift(name)
     x = _spatial(np.asarray(array, dtype=np.float32))
     in_image = [ax for ax in range(1, 4) if x.shape[ax] > 1]
     if name == "contrast":
@@ -79,13 +86,11 @@ def shift_array(array: np.ndarray, name: str, *, key: str = "", seed: int = 0) -
         lo, hi = np.percentile(x, [1, 99])
         rng = np.random.default_rng(_seed(key, seed))
         y = x + rng.normal(0.0, 0.05 * float(hi - lo), size=x.shape).astype(np.float32)
-    elif name == "resolution":
+    else:  # resolution
         full = x.shape[1:]
         half = tuple(max(1, s // 2) if ax + 1 in in_image else s for ax, s in enumerate(full))
         down = Resize(half, mode="area")(torch.from_numpy(x))
         y = np.asarray(Resize(full, mode="trilinear")(torch.as_tensor(down)))
-    else:
-        raise ConfigError(f"unknown acquisition shift {name!r}", fix=f"use one of {', '.join(SHIFTS)}")
     return _back(np.asarray(y, dtype=np.float32), array)
 
 
@@ -114,9 +119,8 @@ def run_shift_suite(
     from medhybrid.evaluate.bootstrap import paired_auroc_delta
     from medhybrid.evaluate.runner import evaluate
 
-    unknown = [s for s in shifts if s not in SHIFTS]
-    if unknown:
-        raise ConfigError(f"unknown acquisition shift {unknown[0]!r}", fix=f"use one of {', '.join(SHIFTS)}")
+    for name in shifts:  # before any evaluation runs
+        check_shift(name)
     out = Path(out)
     quiet = dataclasses.replace(options, saliency=False, report=False, store_calibration=False)
     clean = evaluate(model, manifest, out / "clean", quiet, on_study=on_study)

@@ -118,6 +118,12 @@ def as_tuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
     return out
 
 
+def reduced_size(size: Sequence[int], reduction: Sequence[int]) -> tuple[int, ...]:
+    """The size of a map of ``size`` after a total stride of ``reduction`` per axis (rounded up, as padded
+    strided convolutions and pools give), e.g. a hybrid's token grid."""
+    return tuple(math.ceil(s / r) for s, r in zip(size, reduction, strict=True))
+
+
 def padded_size(size: Sequence[int], divisor: Sequence[int], min_size: Sequence[int] | None = None) -> list[int]:
     """``size`` rounded up to a multiple of ``divisor``, and at least ``min_size``."""
     low = min_size or (1,) * len(size)

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 
 from medhybrid.errors import ModelError
-from medhybrid.models.base import MedModel, as_tuple, build_config
+from medhybrid.models.base import MedModel, as_tuple, build_config, reduced_size
 from medhybrid.models.context import ContextConfig, TransformerContext
 from medhybrid.models.conv_context import ConvContext
 from medhybrid.models.encoders import ResNetConfig, ResNetEncoder, Stride, norm_spec, plan_strides
@@ -120,10 +120,7 @@ class HybridConfig:
             raise ModelError(f"stage_strides needs {self.token_stage} entries (token_stage), got {len(stages)}")
         size = as_tuple(self.img_size, dims)
         small = self.stem == "small"  # stride 1 throughout: its stem_stride / pool_stride are unused
-        pool, planned = plan_strides(
-            size, 1 if small else self.stem_stride, 1 if small else self.pool_stride, stages, grid
-        )
-        return pool, planned
+        return plan_strides(size, 1 if small else self.stem_stride, 1 if small else self.pool_stride, stages, grid)
 
     def full_res_channels(self) -> int:
         if self.decoder_full_res is not None:
@@ -157,7 +154,7 @@ class HybridConfig:
             dropout=self.dropout,
             attn_dropout=self.attn_dropout,
             drop_path=self.drop_path,
-            pos_grid=tuple(math.ceil(s / r) for s, r in zip(size, reduction, strict=True)),
+            pos_grid=reduced_size(size, reduction),
         )
 
 

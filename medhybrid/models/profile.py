@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -10,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from medhybrid.errors import ModelInputError
-from medhybrid.models.base import count_parameters
+from medhybrid.models.base import count_parameters, reduced_size
 from medhybrid.models.registry import create_model, get_entry
 
 
@@ -95,4 +94,4 @@ def token_grid(model: torch.nn.Module, spatial: Sequence[int]) -> tuple[int, ...
     reductions = getattr(getattr(model, "encoder", None), "reductions", None)
     if getattr(model, "context", None) is None or not reductions:
         return None
-    return tuple(math.ceil(s / r) for s, r in zip(spatial, reductions[-1], strict=True))
+    return reduced_size(spatial, reductions[-1])

@@ -188,9 +188,9 @@ class Trainer:
         model = prefer_memory_format(dist_utils.sync_batch_norm(model, info, self.device).to(self.device))
         mark_untrainable(model)
         pretrained: set[str] = set()
-        if cfg.model.pretrained is not None:
-            # Loaded on resume too: which parameters came from the weights decides what a stage may freeze
-            # (the resumed state then replaces every value).
+        if cfg.model.pretrained is not None and (start is None or any(s.freeze for s in cfg.train.stages)):
+            # Loaded on resume too when a stage freezes: which parameters came from the weights decides what
+            # it may freeze (the resumed state then replaces every value).
             report = load_pretrained(model, cfg.model.pretrained)
             pretrained = set(report.loaded)
             if start is None:

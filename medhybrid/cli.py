@@ -647,7 +647,9 @@ def evaluate_cmd(
         from medhybrid.evaluate.shift import run_shift_suite
 
         with progress_bar("acquisition shifts", None) as advance:
-            suite = run_shift_suite(model, manifest, Path(out) / "shift", options, on_study=lambda r: advance(1))
+            suite = run_shift_suite(
+                model, manifest, Path(out) / "shift", options, on_study=lambda r: advance(1), clean=result
+            )
         for name, r in suite["shifts"].items():
             lines.append(
                 f"shift {name}: AUROC {r['auroc']:.4f}, drop {r['drop']:+.4f} "

@@ -106,8 +106,12 @@ def run_shift_suite(
     options: Any,
     shifts: Sequence[str] = SHIFTS,
     on_study: Callable[[Any], None] | None = None,
+    clean: Any = None,
 ) -> dict[str, Any]:
     """Evaluate ``options.split`` clean and under each shift into ``out/<name>/``; write ``out/shift.json``.
+
+    ``clean``: an :class:`~medhybrid.evaluate.runner.EvaluateResult` of the same model, manifest and
+    options already at hand (``medhybrid evaluate`` passes its own), used instead of evaluating again.
 
     Returns:
         ``{"split", "clean": {"auroc"}, "shifts": {name: {"auroc", "drop", "drop_ci_low", "drop_ci_high"}},
@@ -123,7 +127,8 @@ def run_shift_suite(
         check_shift(name)
     out = Path(out)
     quiet = dataclasses.replace(options, saliency=False, report=False, store_calibration=False)
-    clean = evaluate(model, manifest, out / "clean", quiet, on_study=on_study)
+    if clean is None:
+        clean = evaluate(model, manifest, out / "clean", quiet, on_study=on_study)
     if "classification" not in clean.metrics:
         raise ConfigError("the shift suite scores AUROC: the model does not classify")
     base = {r.study_id: r for r in clean.records if r.status == "ok" and r.label is not None}
